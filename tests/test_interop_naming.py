@@ -88,3 +88,9 @@ def test_all_problems_reported_together(net_and_vars):
   msg = str(err.value)
   assert "params/lin/bias" in msg and "extra.weight" in msg and "block_1.to_out.0.weight" in msg
   assert "(7, 6)" in msg
+
+
+def test_torch_shapes_agree_with_conversion(net_and_vars):
+  _, variables = net_and_vars
+  shapes = naming.torch_shapes(jax.eval_shape(lambda: variables))
+  assert shapes == {k: v.shape for k, v in naming.flax_to_torch(variables).items()}

@@ -165,6 +165,35 @@ def _target_path(module, leaf, wanted) -> tuple[str, ...] | None:
   return None
 
 
+def _torch_name(path: tuple[str, ...]) -> tuple[str, str]:
+  """Flax variable path -> (PyTorch key without prefix, Flax leaf kind)."""
+  collection, *module, leaf = path
+  torch_module = ".".join(flax_name_to_torch(n) for n in module)
+  if collection == "batch_stats":
+    name = {"mean": "running_mean", "var": "running_var"}[leaf]
+  elif leaf in ("kernel", "scale", "embedding"):
+    name = "weight"
+  else:
+    name = leaf
+  return f"{torch_module}.{name}", leaf
+
+
+def torch_shapes(template: Mapping[str, Any], *, add_prefix: str = "") -> dict[str, tuple[int, ...]]:
+  """The PyTorch key -> shape table that ``template`` corresponds to.
+
+  Works on ``jax.eval_shape`` output, so full-size models can be checked
+  against a reference key list without allocating them.
+  """
+  out = {}
+  for path, value in traverse_util.flatten_dict(template).items():
+    key, leaf = _torch_name(path)
+    shape = tuple(value.shape)
+    if leaf == "kernel":
+      shape = shape[::-1] if len(shape) == 2 else (shape[-1], shape[-2], *shape[:-2])
+    out[add_prefix + key] = shape
+  return out
+
+
 def flax_to_torch(variables: Mapping[str, Any], *, add_prefix: str = "") -> dict[str, np.ndarray]:
   """Converts Flax variables into a PyTorch-layout state dict (NumPy arrays).
 
@@ -174,16 +203,7 @@ def flax_to_torch(variables: Mapping[str, Any], *, add_prefix: str = "") -> dict
   """
   out = {}
   for path, value in traverse_util.flatten_dict(variables).items():
-    collection, *module, leaf = path
-    torch_module = ".".join(flax_name_to_torch(n) for n in module)
+    key, leaf = _torch_name(path)
     value = np.asarray(value)
-    if collection == "batch_stats":
-      name = {"mean": "running_mean", "var": "running_var"}[leaf]
-    elif leaf in ("kernel", "scale", "embedding"):
-      name = "weight"
-      if leaf == "kernel":
-        value = _to_torch_weight(value)
-    else:
-      name = leaf
-    out[f"{add_prefix}{torch_module}.{name}"] = value
+    out[add_prefix + key] = _to_torch_weight(value) if leaf == "kernel" else value
   return out
