@@ -1,0 +1,48 @@
+"""Joining JAX's multi-controller runtime on TPU pods and GPU clusters."""
+
+import logging
+import os
+
+import jax
+
+
+def _env_int(*names: str) -> int | None:
+  for n in names:
+    if os.environ.get(n, "").strip().isdigit():
+      return int(os.environ[n])
+  return None
+
+
+def maybe_initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: list[int] | None = None,
+) -> bool:
+  """Calls ``jax.distributed.initialize`` when this is a multi-process job.
+
+  - explicit arguments (``--coordinator_address/--num_processes/--process_id``)
+    win;
+  - SLURM (``SLURM_NTASKS`` > 1) and TPU VM pods (``TPU_WORKER_HOSTNAMES``
+    or Cloud TPU metadata, several workers) are detected and JAX discovers
+    the rest itself;
+  - otherwise this is a single-process run and nothing is done.
+
+  Returns whether the distributed runtime was initialised. Must run before
+  anything touches the devices.
+  """
+  if coordinator_address or (num_processes or 1) > 1:
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+    )
+  elif (_env_int("SLURM_NTASKS") or 1) > 1:
+    jax.distributed.initialize()  # JAX's SlurmCluster reads the SLURM_* variables.
+  elif len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+    jax.distributed.initialize()  # JAX's TPU cluster detection.
+  else:
+    return False
+  logging.info("process %d of %d, %d local devices", jax.process_index(), jax.process_count(), jax.local_device_count())
+  return True

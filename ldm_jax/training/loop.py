@@ -1,0 +1,221 @@
+"""The training loop shared by both stages.
+
+What it owns: creating the state already sharded (or restoring it onto its
+shardings), the jitted step with donated state, metrics fetched from the
+device once per ``log_every`` steps (never per step), the non-finite loss
+check that runs before anything is saved, checkpoints with the data-iterator
+state, periodic hooks (sample grids, evaluation), and clean exit on
+preemption (SIGTERM) on every process at the same step.
+"""
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from ldm_jax.training import checkpoint as ckpt_lib
+from ldm_jax.training import partitioning
+from ldm_jax.training.mesh import replicated
+from ldm_jax.training.metrics_writer import MetricWriter
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A loss term became NaN or Inf; names the step and the term."""
+
+
+@dataclasses.dataclass
+class Hook:
+  """``fn(step, state)`` every ``every`` steps, on every process."""
+
+  every: int
+  fn: Callable[[int, Any], dict | None]
+  name: str = "hook"
+
+
+@dataclasses.dataclass
+class LoopConfig:
+  num_steps: int
+  log_every: int = 50
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+  global_batch_size: int = 1
+  # Metrics checked for NaN/Inf at every flush; a bad value stops the run.
+  loss_keys: Sequence[str] = ("loss",)
+  fsdp_min_size: int = 2**16
+  partition_rules: Sequence = ()
+  progress_bar: bool = True
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: Any
+  step: int
+  preempted: bool
+  last_metrics: dict
+
+
+class _PreemptionWatch:
+  """SIGTERM → stop. Multi-process runs use JAX's preemption sync service
+  (which owns SIGTERM there) so that all processes stop at the same step."""
+
+  def __init__(self, checkpointer: ckpt_lib.Checkpointer):
+    self._ckpt = checkpointer
+    self._flag = False
+    self._multi = jax.process_count() > 1
+    self._old = None
+    if not self._multi:
+      self._old = signal.signal(signal.SIGTERM, self._on_term)
+
+  def _on_term(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint and stopping")
+    self._flag = True
+
+  def should_stop(self, step: int) -> bool:
+    return self._flag or (self._multi and self._ckpt.reached_preemption(step))
+
+  def close(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def create_sharded_state(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, cfg: LoopConfig):
+  """``(abstract_state, shardings)``; the state itself is never materialised here."""
+  abstract = jax.eval_shape(init_fn, rng)
+  shardings = partitioning.state_shardings(
+      abstract, mesh, fsdp_min_size=cfg.fsdp_min_size, rules=cfg.partition_rules
+  )
+  return abstract, shardings
+
+
+def _check_finite(history: list[tuple[int, dict]], keys: Sequence[str], last_good: int | None, ckpt_dir: str):
+  for step, metrics in history:
+    for k in keys:
+      if k in metrics and not np.isfinite(metrics[k]):
+        where = f"step {last_good} in {ckpt_dir}" if last_good is not None else "none was written"
+        raise NonFiniteLossError(
+            f"loss term {k!r} is {metrics[k]} at step {step}; stopping. "
+            f"The last good checkpoint is kept untouched ({where})."
+        )
+
+
+def train_loop(
+    *,
+    workdir: str,
+    mesh: Mesh,
+    cfg: LoopConfig,
+    init_fn: Callable[[jax.Array], Any],
+    step_fn: Callable[[Any, dict, jax.Array], tuple[Any, dict]],
+    batches: Iterator[dict],
+    data_iterator: Any = None,
+    rng: jax.Array,
+    hooks: Sequence[Hook] = (),
+    meta: dict | None = None,
+    writer: MetricWriter | None = None,
+) -> TrainResult:
+  """Runs (or resumes) training until ``cfg.num_steps``.
+
+  Args:
+    init_fn: ``rng -> state`` (pure; jitted here with sharded outputs).
+    step_fn: ``(state, batch, rng) -> (state, metrics)``; ``rng`` is already
+      folded with the step. ``state`` must have an integer ``step`` field.
+    batches: yields global (mesh-sharded) batches.
+    data_iterator: the grain iterator behind ``batches``, checkpointed with
+      the state; ``None`` for synthetic data.
+    meta: JSON-able metadata stored with every checkpoint (config, ...).
+  """
+  writer = writer or MetricWriter(workdir)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
+  init_rng, step_rng = jax.random.split(rng)
+  abstract, shardings = create_sharded_state(init_fn, init_rng, mesh, cfg)
+
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, _ = checkpointer.restore(
+        latest, ckpt_lib.abstract_with_shardings(abstract, shardings), data_iterator=data_iterator
+    )
+    logging.info("resumed from step %d", latest)
+  else:
+    state = jax.jit(init_fn, out_shardings=shardings)(init_rng)
+  start = int(jax.device_get(state.step))
+
+  def folded_step(state, batch, base_rng):
+    return step_fn(state, batch, jax.random.fold_in(base_rng, state.step))
+
+  jitted = jax.jit(folded_step, out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+
+  watch = _PreemptionWatch(checkpointer)
+  pending: list[tuple[int, dict]] = []
+  last_good, last_metrics, preempted = latest, {}, False
+  t_last, steps_since = time.perf_counter(), 0
+  bar = None
+  if cfg.progress_bar and jax.process_index() == 0:
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+  def flush(step: int):
+    nonlocal pending, t_last, steps_since, last_metrics
+    if not pending:
+      return
+    history = jax.device_get(pending)
+    pending = []
+    _check_finite(history, cfg.loss_keys, last_good, checkpointer.directory)
+    elapsed = time.perf_counter() - t_last
+    mean = {k: float(np.mean([m[k] for _, m in history])) for k in history[-1][1]}
+    mean["images_per_sec"] = steps_since * cfg.global_batch_size / max(elapsed, 1e-9)
+    last_metrics = mean
+    writer.scalars(step, mean, echo=bar is None)
+    if bar is not None:
+      bar.set_postfix({k: f"{mean[k]:.4g}" for k in cfg.loss_keys if k in mean})
+    t_last, steps_since = time.perf_counter(), 0
+
+  def save(step: int, force: bool = False):
+    nonlocal last_good
+    flush(step)  # never save a state whose losses were not checked
+    if checkpointer.save(step, state, data_iterator=data_iterator, meta=meta, force=force):
+      last_good = step
+
+  try:
+    step = start
+    while step < cfg.num_steps:
+      batch = next(batches)
+      state, metrics = jitted(state, batch, step_rng)
+      step += 1
+      steps_since += 1
+      pending.append((step, metrics))
+      if bar is not None:
+        bar.update(1)
+      if step % cfg.log_every == 0 or step == cfg.num_steps:
+        flush(step)
+      if step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
+        save(step)
+      for hook in hooks:
+        if step % hook.every == 0 or step == cfg.num_steps:
+          flush(step)
+          out = hook.fn(step, state)
+          if out:
+            writer.scalars(step, out)
+      if watch.should_stop(step) and step < cfg.num_steps:
+        save(step, force=True)
+        preempted = True
+        logging.warning("preempted: checkpoint %d saved; run the same command to resume", step)
+        break
+    checkpointer.wait()
+  finally:
+    watch.close()
+    if bar is not None:
+      bar.close()
+    checkpointer.close()
+  return TrainResult(state=state, step=step, preempted=preempted, last_metrics=last_metrics)
+
+
+def global_norm(tree: Any) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
