@@ -1,0 +1,82 @@
+"""``config.data``: where images come from and how they are prepared.
+
+The global batch size is not here: it belongs to ``config.train`` and is
+passed to ``make_iterator`` as an argument.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+SOURCES = ("shapes", "tfds", "array_record", "folder")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Every data field with its default; experiment configs override some."""
+  config = ml_collections.ConfigDict()
+  # "shapes": the built-in captioned-shapes dataset (built on first use);
+  # "tfds": a prepared TFDS dataset read with tfds.data_source (ArrayRecord);
+  # "array_record": shards written by `python -m ldm_jax.data.prepare`;
+  # "folder": a folder of images with optional same-name .txt captions.
+  config.source = "shapes"
+  # TFDS dataset name for source "tfds", e.g. "imagenet2012", "celeb_a_hq/256".
+  config.name = ""
+  # TFDS data directory ("shapes" and "tfds"); "" means TFDS's default
+  # ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+  config.data_dir = ""
+  # "folder": the image folder; "array_record": a glob of shards or a folder
+  # holding them. "{split}" is replaced by the split's name.
+  config.path = ""
+  config.train_split = "train"
+  config.eval_split = "validation"
+  # Images are resized (shorter side, antialiased) and cropped to this square.
+  config.image_size = 64
+  config.crop = "center"  # "center" | "random"
+  # Random horizontal flips. Off by default: flipping swaps "left" and "right",
+  # which would contradict spatial captions such as the shapes dataset's.
+  config.random_flip = False
+  # Field names for source "tfds"; "/" reaches into nested features
+  # ("captions/text"). Empty caption_key / label_key: the field is not read.
+  config.image_key = "image"
+  config.caption_key = ""
+  config.label_key = ""
+  # Decoding worker processes (0: decode in the main process) and reader
+  # threads per process.
+  config.num_workers = 0
+  config.num_threads = 4
+
+  config.tokenizer = ml_collections.ConfigDict()
+  # "" (no tokens), "clip", "bert", or "shapes" (word-level, built from the
+  # shapes dataset's caption words; needs no files).
+  config.tokenizer.kind = ""
+  # Folder holding the tokenizer files ("clip", "bert"; optional for "shapes").
+  config.tokenizer.path = ""
+  config.tokenizer.max_length = 77
+
+  config.shapes = ml_collections.ConfigDict()
+  # Split sizes of the built-in dataset; -1 keeps the default for the image
+  # size (10k/1k/1k at 32 and 64 px, fewer at 128 and 256 px).
+  config.shapes.num_train = -1
+  config.shapes.num_validation = -1
+  config.shapes.num_test = -1
+  config.shapes.seed = 0
+  return config
+
+
+def validate_image_size(image_size: int, multiple: int = 1) -> int:
+  """Checks that ``image_size`` is a positive multiple of ``multiple``.
+
+  A model that downsamples by ``multiple`` in total (e.g. autoencoder factor
+  8 times a UNet with three downsamplings: 64) can only take such sizes.
+  """
+  if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+    raise ValueError(f"image_size must be a positive integer, got {image_size!r}.")
+  if multiple < 1:
+    raise ValueError(f"multiple must be a positive integer, got {multiple!r}.")
+  if image_size % multiple:
+    lower = max(multiple, image_size // multiple * multiple)
+    raise ValueError(
+        f"image_size {image_size} is not a multiple of {multiple}, which the model "
+        f"needs (it downsamples by {multiple} in total); try {lower} or {lower + multiple}."
+    )
+  return image_size
