@@ -94,3 +94,14 @@ def test_torch_shapes_agree_with_conversion(net_and_vars):
   _, variables = net_and_vars
   shapes = naming.torch_shapes(jax.eval_shape(lambda: variables))
   assert shapes == {k: v.shape for k, v in naming.flax_to_torch(variables).items()}
+
+
+def test_exported_weights_survive_safetensors(net_and_vars, tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  _, variables = net_and_vars
+  sd = naming.flax_to_torch(variables)
+  save_file(sd, str(tmp_path / "w.safetensors"))
+  back = load_file(str(tmp_path / "w.safetensors"))
+  for k, v in sd.items():
+    np.testing.assert_array_equal(back[k], v)

@@ -89,10 +89,14 @@ def _to_flax_kernel(w: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _to_torch_weight(kernel: np.ndarray) -> np.ndarray:
-  """Inverse of :func:`_to_flax_kernel` (keeps the Flax layer's own rank)."""
+  """Inverse of :func:`_to_flax_kernel` (keeps the Flax layer's own rank).
+
+  Contiguous copies, not transposed views: safetensors writes views'
+  memory as it lies, silently un-transposing them.
+  """
   if kernel.ndim == 2:
-    return kernel.T
-  return np.transpose(kernel, (kernel.ndim - 1, kernel.ndim - 2, *range(kernel.ndim - 2)))
+    return np.ascontiguousarray(kernel.T)
+  return np.ascontiguousarray(np.transpose(kernel, (kernel.ndim - 1, kernel.ndim - 2, *range(kernel.ndim - 2))))
 
 
 def torch_to_flax(
