@@ -1,0 +1,242 @@
+"""The conditioning encoder tau_theta of a stage-2 config, described for the trainer and sampler.
+
+``make_cond_stage(config.cond_stage)`` reads ``kind`` and passes the other
+fields to the module as keyword arguments (reference ``params`` names):
+
+- ``none``: no module (unconditional model).
+- ``class``: ``ClassEmbedder``, trainable; unconditional = null class ``n_classes - 1``.
+- ``text``: ``LDMBert`` trained with the UNet; unconditional = empty caption tokens.
+- ``clip``: frozen ``CLIPTextModel`` from ``preset`` (default ``"sd_v1"``) plus
+  field overrides; unconditional = empty caption tokens.
+- ``layout``: ``LayoutEncoder``, trainable; unconditional = layout without objects.
+- ``concat``: ``SpatialRescaler`` (``n_stages=0``: identity), trainable when it
+  has a ``channel_mapper``; unconditional = zeros.
+
+Other keys: ``checkpoint`` (a path: ``.safetensors`` file or folder, or a
+PyTorch ``.ckpt``/``.bin`` when torch is installed) to load the weights from
+an original LDM/SD checkpoint, a diffusers/transformers ``text_encoder`` or an
+OpenCLIP (SD 2.x) file; ``trainable`` to override the default;
+``empty_token_ids`` / ``pad_token_id`` for the empty caption (defaults: what
+the reference tokenizers give for ``""``).
+"""
+
+import dataclasses
+import glob
+import os
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.interop import naming
+from ldm_jax.interop.openclip import add_text_model_prefix, openclip_text_to_transformers
+from ldm_jax.models.clip_text import CLIPTextModel, clip_text_from_preset
+from ldm_jax.models.conditioners import ClassEmbedder, LayoutEncoder, SpatialRescaler
+from ldm_jax.models.ldm_bert import LDMBert
+
+KINDS = ("none", "class", "text", "clip", "layout", "concat")
+_RESERVED = ("kind", "preset", "checkpoint", "trainable", "empty_token_ids", "pad_token_id")
+# Reference params that describe tokenisation, which our data pipeline does.
+_REFERENCE_ONLY = ("use_tokenizer",)
+# Empty caption "" through the reference tokenizers: bert-base-uncased [CLS] [SEP] [PAD]...;
+# CLIP <|startoftext|> <|endoftext|>, padded with <|endoftext|> (OpenAI, SD v1) or 0 (OpenCLIP, SD v2).
+_BERT_EMPTY, _BERT_PAD = (101, 102), 0
+_CLIP_EMPTY = (49406, 49407)
+_CLIP_PAD = {"sd_v1": 49407, "sd_v2": 0, "sd_v2_diffusers": 0, "tiny": 49407}
+
+
+@dataclasses.dataclass(frozen=True)
+class CondStage:
+  """What stage 2 needs to know about its conditioning encoder."""
+
+  kind: str
+  module: nn.Module | None
+  trainable: bool
+  mode: str | None  # "crossattn", "concat" or None (unconditional)
+  output_dim: int | None  # context dim (crossattn) or channels (concat)
+  unconditional: Callable[[Any], Any]  # conditional input -> null input of the same shape
+  checkpoint: str | None = None
+  checkpoint_prefix: str = ""  # where the module sits in an original LDM/SD state dict
+  ignore_keys: tuple[str, ...] = ()  # regexes of checkpoint keys the module does not use
+
+  def init(self, rng: jax.Array, cond_input: Any) -> dict[str, Any] | None:
+    """Variables: loaded from ``checkpoint`` when set, else freshly initialised."""
+    if self.module is None:
+      return None
+    if self.checkpoint is not None:
+      template = jax.eval_shape(self.module.init, rng, cond_input)
+      return load_cond_stage_variables(self, self.checkpoint, template)
+    return jax.jit(self.module.init)(rng, cond_input)
+
+  def encode(self, variables: Mapping[str, Any] | None, cond_input: Any, **kwargs: Any) -> Any:
+    """tau_theta(y): the context (or concat map); None for an unconditional model."""
+    return None if self.module is None else self.module.apply(variables, cond_input, **kwargs)
+
+
+def make_cond_stage(config: Mapping[str, Any]) -> CondStage:
+  """Builds the :class:`CondStage` a ``cond_stage`` config section describes."""
+  fields = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+  kind = fields.pop("kind", None)
+  if kind not in KINDS:
+    raise ValueError(f"unknown cond_stage kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+  reserved = {k: fields.pop(k) for k in _RESERVED[1:] if k in fields}
+  for key in _REFERENCE_ONLY:
+    fields.pop(key, None)
+  for key in ("dtype", "param_dtype"):
+    if isinstance(fields.get(key), str):
+      fields[key] = jnp.dtype(fields[key])
+  if kind != "clip" and "preset" in reserved:
+    raise ValueError(f"'preset' only applies to kind 'clip', not {kind!r}")
+  stage = _BUILDERS[kind](fields, reserved)
+  if "trainable" in reserved:
+    stage = dataclasses.replace(stage, trainable=bool(reserved["trainable"]))
+  return dataclasses.replace(stage, checkpoint=reserved.get("checkpoint"))
+
+
+def _module(cls: type, fields: dict[str, Any], kind: str, build: Callable[..., nn.Module] | None = None) -> nn.Module:
+  """``(build or cls)(**fields)`` after checking the field names against ``cls``."""
+  valid = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  unknown = sorted(set(fields) - valid)
+  if unknown:
+    raise ValueError(f"cond_stage kind {kind!r} ({cls.__name__}) has no fields {unknown}; valid: {sorted(valid)}")
+  return (build or cls)(**fields)
+
+
+def _caption_tokens(cond_tokens_BxL, empty_ids: tuple[int, ...], pad_id: int) -> np.ndarray:
+  b, length = np.shape(cond_tokens_BxL)
+  row = (list(empty_ids) + [pad_id] * length)[:length]
+  return np.tile(np.asarray(row, np.int32), (b, 1))
+
+
+def _none(fields, reserved) -> CondStage:
+  if fields:
+    raise ValueError(f"cond_stage kind 'none' takes no fields, got {sorted(fields)}")
+  return CondStage("none", None, False, None, None, lambda cond: None)
+
+
+def _class(fields, reserved) -> CondStage:
+  module = _module(ClassEmbedder, fields, "class")
+  null = partial(lambda n, labels: np.full(np.shape(labels), n, np.int32), module.null_class)
+  return CondStage("class", module, True, "crossattn", module.embed_dim, null, checkpoint_prefix="cond_stage_model.")
+
+
+def _text(fields, reserved) -> CondStage:
+  module = _module(LDMBert, fields, "text")
+  null = partial(
+      _caption_tokens,
+      empty_ids=tuple(reserved.get("empty_token_ids", _BERT_EMPTY)),
+      pad_id=reserved.get("pad_token_id", _BERT_PAD),
+  )
+  return CondStage(
+      "text", module, True, "crossattn", module.n_embed, null,
+      checkpoint_prefix="cond_stage_model.transformer.", ignore_keys=LDMBert.unused_checkpoint_keys,
+  )
+
+
+def _clip(fields, reserved) -> CondStage:
+  preset = reserved.get("preset", "sd_v1")
+  module = _module(CLIPTextModel, fields, "clip", partial(clip_text_from_preset, preset))
+  null = partial(
+      _caption_tokens,
+      empty_ids=tuple(reserved.get("empty_token_ids", _CLIP_EMPTY)),
+      pad_id=reserved.get("pad_token_id", _CLIP_PAD.get(preset, 49407)),
+  )
+  ignore = (r"^text_projection\.",) if module.projection_dim is None else ()
+  return CondStage(
+      "clip", module, False, "crossattn", module.hidden_size, null,
+      checkpoint_prefix="cond_stage_model.transformer.", ignore_keys=ignore,
+  )
+
+
+def _layout(fields, reserved) -> CondStage:
+  module = _module(LayoutEncoder, fields, "layout")
+  null = lambda cond_tokens_BxL: module.empty_layout_tokens(np.shape(cond_tokens_BxL)[0])  # noqa: E731
+  return CondStage(
+      "layout", module, True, "crossattn", module.n_embed, null,
+      checkpoint_prefix="cond_stage_model.transformer.", ignore_keys=LDMBert.unused_checkpoint_keys,
+  )
+
+
+def _concat(fields, reserved) -> CondStage:
+  module = _module(SpatialRescaler, fields, "concat")
+  channels = module.out_channels if module.out_channels is not None else module.in_channels
+  return CondStage(
+      "concat", module, module.out_channels is not None, "concat", channels, jnp.zeros_like,
+      checkpoint_prefix="cond_stage_model.",
+  )
+
+
+_BUILDERS = {"none": _none, "class": _class, "text": _text, "clip": _clip, "layout": _layout, "concat": _concat}
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_cond_stage_variables(
+    stage: CondStage, checkpoint: str | Mapping[str, Any], template: Mapping[str, Any]
+) -> dict[str, Any]:
+  """Loads ``stage``'s weights from a checkpoint path or an in-memory state dict.
+
+  Accepts an original LDM/SD checkpoint (``cond_stage_model.*``), a bare
+  module state dict (e.g. diffusers' ``text_encoder``, or transformers 5's
+  ``CLIPTextModel`` without ``text_model.``), and for ``clip`` an OpenCLIP
+  text tower (SD 2.x: ``cond_stage_model.model.*``).
+  """
+  what = checkpoint if isinstance(checkpoint, str) else "state dict"
+  state_dict = read_state_dict(checkpoint) if isinstance(checkpoint, str) else dict(checkpoint)
+  prefix = stage.checkpoint_prefix if any(k.startswith(stage.checkpoint_prefix) for k in state_dict) else ""
+  if stage.kind == "clip":
+    for openclip_prefix in ("cond_stage_model.model.", ""):
+      if any(k.startswith(openclip_prefix + "transformer.resblocks.") for k in state_dict):
+        has_projection = stage.module.projection_dim is not None
+        state_dict = openclip_text_to_transformers(
+            state_dict, prefix=openclip_prefix, include_projection=has_projection
+        )
+        prefix = ""
+        break
+    if not prefix:  # transformers 5 saves CLIPTextModel without its `text_model.` level
+      state_dict = add_text_model_prefix(state_dict)
+  return naming.torch_to_flax(state_dict, template, strip_prefix=prefix, ignore=stage.ignore_keys, what=what)
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """NumPy state dict of a file; only ``cond_stage_model.*`` when the file has those keys.
+
+  ``.safetensors`` (or a folder holding them) needs nothing else; ``.ckpt``,
+  ``.pt``, ``.pth`` and ``.bin`` need torch.
+  """
+  files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else [path]
+  if not files or not all(os.path.isfile(f) for f in files):
+    raise FileNotFoundError(f"no checkpoint at {path!r} (expected a file or a folder of .safetensors)")
+  out: dict[str, np.ndarray] = {}
+  for file in files:
+    out.update(_read_safetensors(file) if file.endswith(".safetensors") else _read_torch(file))
+  cond = {k: v for k, v in out.items() if k.startswith("cond_stage_model.")}
+  return cond or out
+
+
+def _read_safetensors(file: str) -> dict[str, np.ndarray]:
+  from safetensors import safe_open
+
+  with safe_open(file, "numpy") as f:
+    keys = list(f.keys())
+    if any(k.startswith("cond_stage_model.") for k in keys):
+      keys = [k for k in keys if k.startswith("cond_stage_model.")]
+    return {k: f.get_tensor(k) for k in keys}
+
+
+def _read_torch(file: str) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(f"reading {file!r} needs torch; convert it to .safetensors or install torch") from e
+  loaded = torch.load(file, map_location="cpu", weights_only=True)
+  loaded = loaded.get("state_dict", loaded)
+  return {
+      k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+      for k, v in loaded.items()
+      if isinstance(v, torch.Tensor)
+  }
