@@ -23,7 +23,14 @@ class _Net(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = _Block(name="input_blocks_1_0")(x)
-    return _Block(name="block_1")(nn.Dense(4, name="lin")(x))
+    x = _Block(name="block_1")(nn.Dense(4, name="lin")(x))
+    return _Mid(name="mid")(x)
+
+
+class _Mid(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return _Block(name="block_1")(x)
 
 
 def test_module_path_rule():
@@ -32,7 +39,8 @@ def test_module_path_rule():
       "weight",
   )
   assert naming.flax_name_to_torch("input_blocks_1_1") == "input_blocks.1.1"
-  assert naming.flax_name_to_torch("block_1") == "block_1"
+  assert naming.flax_name_to_torch("block_1", parent="mid") == "block_1"
+  assert naming.flax_name_to_torch("block_1", parent="down_0") == "block.1"
   assert naming.flax_name_to_torch("attn1") == "attn1"
 
 
@@ -48,8 +56,8 @@ def test_round_trip_is_exact(net_and_vars):
   _, variables = net_and_vars
   sd = naming.flax_to_torch(variables, add_prefix="model.")
   assert sd["model.input_blocks.1.0.in_layers.2.weight"].shape == (6, 3, 3, 3)
-  assert sd["model.block_1.to_out.0.weight"].shape == (5, 6)
-  assert "model.block_1.bn.running_var" in sd
+  assert sd["model.block.1.to_out.0.weight"].shape == (5, 6)
+  assert "model.block.1.bn.running_var" in sd and "model.mid.block_1.bn.running_var" in sd
   back = naming.torch_to_flax(sd, variables, strip_prefix="model.")
   jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, variables))
 
@@ -70,7 +78,7 @@ def test_matches_pytorch_layers(net_and_vars):
 def test_dense_and_1x1_conv_convert_into_each_other(net_and_vars):
   _, variables = net_and_vars
   sd = naming.flax_to_torch(variables)
-  sd["block_1.proj_in.weight"] = sd["block_1.proj_in.weight"][:, :, 0, 0]  # as a Linear
+  sd["block.1.proj_in.weight"] = sd["block.1.proj_in.weight"][:, :, 0, 0]  # as a Linear
   back = naming.torch_to_flax(sd, variables)
   np.testing.assert_array_equal(
       back["params"]["block_1"]["proj_in"]["kernel"], variables["params"]["block_1"]["proj_in"]["kernel"]
@@ -82,11 +90,11 @@ def test_all_problems_reported_together(net_and_vars):
   sd = naming.flax_to_torch(variables)
   del sd["lin.bias"]
   sd["extra.weight"] = np.ones(3)
-  sd["block_1.to_out.0.weight"] = np.ones((7, 6), np.float32)
+  sd["block.1.to_out.0.weight"] = np.ones((7, 6), np.float32)
   with pytest.raises(naming.StateDictMismatchError) as err:
     naming.torch_to_flax(sd, jax.eval_shape(lambda: variables), what="test file")
   msg = str(err.value)
-  assert "params/lin/bias" in msg and "extra.weight" in msg and "block_1.to_out.0.weight" in msg
+  assert "params/lin/bias" in msg and "extra.weight" in msg and "block.1.to_out.0.weight" in msg
   assert "(7, 6)" in msg
 
 

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-# Reference module names that really contain "_<digits>" (the autoencoders'
-# mid block). Everything else of the form name_3 stands for "name.3".
-LITERAL_UNDERSCORE_NAMES = frozenset({"block_1", "block_2", "attn_1"})
+# Reference module names that really contain "_<digits>": the autoencoders'
+# mid block (``mid.block_1``, ``mid.attn_1``). Everywhere else name_3 stands
+# for "name.3" (``down.0.block.1``).
+LITERAL_UNDERSCORE_NAMES = {"mid": frozenset({"block_1", "block_2", "attn_1"})}
 IGNORED_BUFFERS = ("num_batches_tracked", "position_ids")
 _NUMBERED = re.compile(r"^(.*?)((?:_\d+)+)$")
 
@@ -68,9 +69,9 @@ def torch_key_to_module_path(key: str) -> tuple[tuple[str, ...], str]:
   return tuple(path), parts[-1]
 
 
-def flax_name_to_torch(name: str) -> str:
+def flax_name_to_torch(name: str, parent: str | None = None) -> str:
   """``"b_1_2"`` -> ``"b.1.2"``, leaving the reference's literal names alone."""
-  if name in LITERAL_UNDERSCORE_NAMES:
+  if name in LITERAL_UNDERSCORE_NAMES.get(parent, ()):
     return name
   match = _NUMBERED.match(name)
   if not match or not match.group(1):
@@ -172,7 +173,7 @@ def _target_path(module, leaf, wanted) -> tuple[str, ...] | None:
 def _torch_name(path: tuple[str, ...]) -> tuple[str, str]:
   """Flax variable path -> (PyTorch key without prefix, Flax leaf kind)."""
   collection, *module, leaf = path
-  torch_module = ".".join(flax_name_to_torch(n) for n in module)
+  torch_module = ".".join(flax_name_to_torch(n, p) for p, n in zip((None, *module), module))
   if collection == "batch_stats":
     name = {"mean": "running_mean", "var": "running_var"}[leaf]
   elif leaf in ("kernel", "scale", "embedding"):
