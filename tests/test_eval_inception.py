@@ -18,7 +18,7 @@ import pytest
 
 from ldm_jax.evaluation import features
 from ldm_jax.evaluation import inception as inc
-from ldm_jax.evaluation import weights
+from ldm_jax.interop import weights
 from ldm_jax.interop.naming import StateDictMismatchError
 
 torch = pytest.importorskip("torch")

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.evaluation import weights
+from ldm_jax.interop import weights
 from ldm_jax.interop import naming
 from ldm_jax.models.clip_text import ACTIVATIONS, CLIPMLP
 from ldm_jax.nn.attention import dot_product_attention

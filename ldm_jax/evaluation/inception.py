@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.evaluation import weights
+from ldm_jax.interop import weights
 from ldm_jax.interop import naming
 
 FID_WEIGHTS_URL = (

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ldm_jax.evaluation import weights
+from ldm_jax.interop import weights
 
 
 def _variables(rng):
