@@ -95,6 +95,13 @@ def create_sharded_state(init_fn: Callable[[jax.Array], Any], rng: jax.Array, me
   return abstract, shardings
 
 
+def _nanmean(values) -> float:
+  """Mean over steps that had a value (per-bucket losses are NaN when empty)."""
+  values = np.asarray(values, np.float64)
+  finite = values[~np.isnan(values)]
+  return float(finite.mean()) if finite.size else float("nan")
+
+
 def _check_finite(history: list[tuple[int, dict]], keys: Sequence[str], last_good: int | None, ckpt_dir: str):
   for step, metrics in history:
     for k in keys:
@@ -112,24 +119,31 @@ def train_loop(
     mesh: Mesh,
     cfg: LoopConfig,
     init_fn: Callable[[jax.Array], Any],
-    step_fn: Callable[[Any, dict, jax.Array], tuple[Any, dict]],
+    step_fn: Callable[[Any, dict, jax.Array, Any], tuple[Any, dict]],
     batches: Iterator[dict],
+    frozen: Any = None,
     data_iterator: Any = None,
     rng: jax.Array,
     hooks: Sequence[Hook] = (),
-    meta: dict | None = None,
+    meta: dict | Callable[[Any], dict] | None = None,
     writer: MetricWriter | None = None,
 ) -> TrainResult:
   """Runs (or resumes) training until ``cfg.num_steps``.
 
   Args:
     init_fn: ``rng -> state`` (pure; jitted here with sharded outputs).
-    step_fn: ``(state, batch, rng) -> (state, metrics)``; ``rng`` is already
-      folded with the step. ``state`` must have an integer ``step`` field.
+    step_fn: ``(state, batch, rng, frozen) -> (state, metrics)``; ``rng`` is
+      already folded with the step. ``state`` must have an integer ``step``
+      field.
+    frozen: weights the step reads but does not train (a first stage, a
+      frozen text encoder). Passed as an argument, laid out by the same
+      rules as the state, never baked into the program as constants.
     batches: yields global (mesh-sharded) batches.
     data_iterator: the grain iterator behind ``batches``, checkpointed with
       the state; ``None`` for synthetic data.
-    meta: JSON-able metadata stored with every checkpoint (config, ...).
+    meta: JSON-able metadata stored with every checkpoint (config, ...), or a
+      function of the state that computes it at save time (e.g. a latent
+      scale factor that must match the saved weights).
   """
   writer = writer or MetricWriter(workdir)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
@@ -146,8 +160,12 @@ def train_loop(
     state = jax.jit(init_fn, out_shardings=shardings)(init_rng)
   start = int(jax.device_get(state.step))
 
-  def folded_step(state, batch, base_rng):
-    return step_fn(state, batch, jax.random.fold_in(base_rng, state.step))
+  if frozen is not None:
+    frozen = jax.device_put(frozen, partitioning.state_shardings(
+        frozen, mesh, fsdp_min_size=cfg.fsdp_min_size, rules=cfg.partition_rules))
+
+  def folded_step(state, batch, base_rng, frozen):
+    return step_fn(state, batch, jax.random.fold_in(base_rng, state.step), frozen)
 
   jitted = jax.jit(folded_step, out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
 
@@ -169,7 +187,7 @@ def train_loop(
     pending = []
     _check_finite(history, cfg.loss_keys, last_good, checkpointer.directory)
     elapsed = time.perf_counter() - t_last
-    mean = {k: float(np.mean([m[k] for _, m in history])) for k in history[-1][1]}
+    mean = {k: _nanmean([m[k] for _, m in history]) for k in history[-1][1]}
     mean["images_per_sec"] = steps_since * cfg.global_batch_size / max(elapsed, 1e-9)
     last_metrics = mean
     writer.scalars(step, mean, echo=bar is None)
@@ -180,14 +198,15 @@ def train_loop(
   def save(step: int, force: bool = False):
     nonlocal last_good
     flush(step)  # never save a state whose losses were not checked
-    if checkpointer.save(step, state, data_iterator=data_iterator, meta=meta, force=force):
+    step_meta = meta(state) if callable(meta) else meta
+    if checkpointer.save(step, state, data_iterator=data_iterator, meta=step_meta, force=force):
       last_good = step
 
   try:
     step = start
     while step < cfg.num_steps:
       batch = next(batches)
-      state, metrics = jitted(state, batch, step_rng)
+      state, metrics = jitted(state, batch, step_rng, frozen)
       step += 1
       steps_since += 1
       pending.append((step, metrics))
