@@ -46,9 +46,10 @@ def test_module_path_rule():
 
 @pytest.fixture(scope="module")
 def net_and_vars():
-  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
-  variables = _Net().init(jax.random.key(1), x)
-  variables = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape), variables)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 5, 3)), jnp.float32)
+  shapes = jax.eval_shape(_Net().init, jax.random.key(1), x)  # nothing compiled
+  variables = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), shapes)
   return x, variables
 
 

@@ -135,30 +135,34 @@ class LatentDiffusion:
         out[key] = jnp.zeros_like(out[key])
     return out
 
-  def drop_inputs(self, rng: jax.Array, inputs: dict[str, Any], p: float, *, drop_concat: bool = False) -> dict:
-    """Replaces each example's condition by the null one with probability ``p``."""
-    if p <= 0.0:
+  def drop_inputs(self, drop_B: jax.Array, inputs: dict[str, Any], *, drop_concat: bool = False) -> dict:
+    """Replaces the condition of the examples where ``drop_B`` is True by the
+    null one (classifier-free guidance training); concat inputs only when
+    ``drop_concat``."""
+    if not inputs:
       return inputs
     null = self.null_inputs(inputs)
-    batch = jax.tree.leaves(inputs)[0].shape[0]
-    drop_B = jax.random.bernoulli(rng, p, (batch,))
     concat_keys = ("low_res", "segmentation_onehot", "mask", "masked_image")
 
     def pick(key, a, b):
       if key in concat_keys and not drop_concat:
         return a
-      return jnp.where(drop_B.reshape((batch,) + (1,) * (a.ndim - 1)), b, a)
+      return jnp.where(drop_B.reshape((-1,) + (1,) * (a.ndim - 1)), b, a)
 
     return {k: pick(k, v, null[k]) for k, v in inputs.items()}
 
-  def derive_inputs(self, inputs: dict[str, Any], images: jax.Array, rng: jax.Array | None = None) -> dict:
-    """Adds inputs computed from the images themselves (on device, in the step)."""
+  def derive_inputs(self, inputs: dict[str, Any], images: jax.Array, inpaint_mask: jax.Array | None = None) -> dict:
+    """Adds inputs computed from the images themselves (on device, in the step).
+
+    ``inpaint_mask`` (B, H, W, 1), 1 = hole, is required for concat kind
+    ``inpaint`` (see :func:`random_inpaint_masks`).
+    """
     out = dict(inputs)
     if self.concat_kind == "low_res":
       size = self.low_res_size or images.shape[1] // self.downsample_factor
       out["low_res"] = jax.image.resize(images, (images.shape[0], size, size, images.shape[-1]), "cubic")
     elif self.concat_kind == "inpaint":
-      mask = random_inpaint_masks(rng, images.shape[:3])
+      mask = inpaint_mask if inpaint_mask is not None else jnp.zeros((*images.shape[:3], 1), images.dtype)
       out["mask"], out["masked_image"] = mask, images * (1.0 - mask)
     elif self.concat_kind == "segmentation":
       out["segmentation_onehot"] = jax.nn.one_hot(out.pop("segmentation"), self.num_seg_classes, dtype=jnp.float32)

@@ -17,7 +17,8 @@ import optax
 from ldm_jax.diffusion.losses import diffusion_loss, loss_by_timestep_bucket, sample_timesteps
 from ldm_jax.diffusion.parameterization import q_sample
 from ldm_jax.diffusion.schedules import DiffusionSchedule
-from ldm_jax.models.latent_diffusion import LatentDiffusion
+from ldm_jax.models.autoencoder import DiagonalGaussian
+from ldm_jax.models.latent_diffusion import LatentDiffusion, random_inpaint_masks
 from ldm_jax.training.ema import ema_update
 from ldm_jax.training.loop import global_norm
 from ldm_jax.training.state import TrainState
@@ -69,14 +70,42 @@ def init_params(model: LatentDiffusion, rng: jax.Array, inputs: dict, cond_shape
   return params
 
 
-def latents_of(model: LatentDiffusion, batch: dict, frozen: Any, rng: jax.Array) -> jax.Array:
-  """Scaled latents: from cached posterior moments when present, else encoded now."""
+def draw_randomness(model: LatentDiffusion, cfg: LDMStepConfig, rng: jax.Array, batch: dict, T: int) -> dict:
+  """Every random draw of a step, per example, for the whole batch at once.
+
+  Drawing before splitting into micro-batches makes gradient accumulation
+  (and any other batch split) give the same result as one big batch.
+  """
   if "latent_mean" in batch:
-    z = batch["latent_mean"]
-    if "latent_logvar" in batch:
-      z = z + jnp.exp(0.5 * batch["latent_logvar"]) * jax.random.normal(rng, z.shape)
-    return model.scale_factor * z
-  return model.encode_images(frozen, batch["image"], rng)
+    latent_shape = batch["latent_mean"].shape
+  else:
+    b, h, w, _ = batch["image"].shape
+    f = model.downsample_factor
+    latent_shape = (b, h // f, w // f, model.latent_channels)
+  k_t, k_noise, k_z, k_drop, k_mask = jax.random.split(rng, 5)
+  draws = {
+      "t": sample_timesteps(k_t, latent_shape[0], T),
+      "noise": jax.random.normal(k_noise, latent_shape),
+      "posterior_noise": jax.random.normal(k_z, latent_shape),
+      "drop": jax.random.bernoulli(k_drop, cfg.cond_dropout, (latent_shape[0],)),
+  }
+  if model.concat_kind == "inpaint" and "image" in batch:
+    draws["inpaint_mask"] = random_inpaint_masks(k_mask, batch["image"].shape[:3])
+  return draws
+
+
+def latents_of(model: LatentDiffusion, batch: dict, frozen: Any, posterior_noise: jax.Array) -> jax.Array:
+  """Scaled latents of the batch: a posterior sample (KL) or the pre-quantisation latent (VQ).
+
+  Uses cached moments when the batch carries them, else encodes the images.
+  """
+  if "latent_mean" in batch:
+    mean, logvar = batch["latent_mean"], batch.get("latent_logvar")
+  else:
+    out = model.first_stage.apply(frozen["first_stage"], batch["image"], method=model.first_stage.encode)
+    mean, logvar = (out.mean, out.logvar) if isinstance(out, DiagonalGaussian) else (out, None)
+  z = mean if logvar is None else mean + jnp.exp(0.5 * logvar) * posterior_noise
+  return model.scale_factor * z
 
 
 def make_train_step(
@@ -85,52 +114,53 @@ def make_train_step(
   """``step(state, batch, rng, frozen) -> (state, metrics)`` for the shared loop."""
   T = schedule.num_timesteps
 
-  def loss_fn(params, batch, rng, frozen):
-    k_z, k_drop, k_t, k_noise, k_derive, k_dropout = jax.random.split(rng, 6)
-    z0 = latents_of(model, batch, frozen, k_z)
+  def loss_fn(params, batch, draws, frozen, rng):
+    z0 = latents_of(model, batch, frozen, draws["posterior_noise"])
     inputs = {k: v for k, v in batch.items() if k not in ("image", "latent_mean", "latent_logvar")}
     if "image" in batch:
-      inputs = model.derive_inputs(inputs, batch["image"], k_derive)
-    inputs = model.drop_inputs(k_drop, inputs, cfg.cond_dropout, drop_concat=cfg.drop_concat)
+      inputs = model.derive_inputs(inputs, batch["image"], draws.get("inpaint_mask"))
+    if cfg.cond_dropout > 0:
+      inputs = model.drop_inputs(draws["drop"], inputs, drop_concat=cfg.drop_concat)
     cond = model.encode_cond(params, frozen, inputs, train=True)
-    t = sample_timesteps(k_t, z0.shape[0], T)
-    noise = jax.random.normal(k_noise, z0.shape)
-    z_t = q_sample(schedule, z0, t, noise)
-    out = model.apply(params, z_t, t, cond, train=True, rngs={"dropout": k_dropout})
+    t, noise = draws["t"], draws["noise"]
+    out = model.apply(params, q_sample(schedule, z0, t, noise), t, cond, train=True, rngs={"dropout": rng})
     loss_B = diffusion_loss(
         out, z0, noise, t, schedule, prediction_type=cfg.prediction_type, loss_type=cfg.loss_type,
         weighting=cfg.weighting,
     )
-    return jnp.mean(loss_B), (loss_B, t)
+    return jnp.mean(loss_B), loss_B
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def gradients(params, batch, rng, frozen):
+  def gradients(params, batch, draws, frozen, rng):
     k = cfg.grad_accum_steps
     if k == 1:
-      return grad_fn(params, batch, rng, frozen)
+      return grad_fn(params, batch, draws, frozen, rng)
     # Micro-batch i takes examples i, i+k, ...: each device keeps its own rows.
-    micro = jax.tree.map(lambda a: jnp.swapaxes(a.reshape(a.shape[0] // k, k, *a.shape[1:]), 0, 1), batch)
+    split = lambda a: jnp.swapaxes(a.reshape(a.shape[0] // k, k, *a.shape[1:]), 0, 1)  # noqa: E731
+    micro = jax.tree.map(split, (batch, draws))
 
     def body(acc, xs):
-      mb, key = xs
-      (loss, aux), g = grad_fn(params, mb, key, frozen)
-      return jax.tree.map(jnp.add, acc, (loss, g)), aux
+      (mb, md), key = xs
+      (loss, loss_B), g = grad_fn(params, mb, md, frozen, key)
+      return jax.tree.map(jnp.add, acc, (loss, g)), loss_B
 
     zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), (loss_B, t) = jax.lax.scan(body, zeros, (micro, jax.random.split(rng, k)))
-    grads = jax.tree.map(lambda g: g / k, grads)
-    return (loss / k, (loss_B.reshape(-1), t.reshape(-1))), grads
+    (loss, grads), loss_B = jax.lax.scan(body, zeros, (micro, jax.random.split(rng, k)))
+    unsplit = jnp.swapaxes(loss_B, 0, 1).reshape(-1)  # back to the batch's example order
+    return (loss / k, unsplit), jax.tree.map(lambda g: g / k, grads)
 
   def step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any):
-    (loss, (loss_B, t)), grads = gradients(state.params, batch, rng, frozen)
+    k_draws, k_dropout = jax.random.split(rng)
+    draws = draw_randomness(model, cfg, k_draws, batch, T)
+    (loss, loss_B), grads = gradients(state.params, batch, draws, frozen, k_dropout)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     step_no = state.step + 1
     ema = state.ema_params
     if ema is not None:
       ema = ema_update(ema, params, step_no, cfg.ema_decay)
-    means, _ = loss_by_timestep_bucket(loss_B, t, T, cfg.num_buckets)
+    means, _ = loss_by_timestep_bucket(loss_B, draws["t"], T, cfg.num_buckets)
     metrics = {"loss": loss, "grad_norm": global_norm(grads)}
     metrics.update({f"loss_t{i * T // cfg.num_buckets:04d}": means[i] for i in range(cfg.num_buckets)})
     new = state.replace(step=step_no, params=params, opt_state=opt_state, ema_params=ema)

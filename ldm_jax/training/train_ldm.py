@@ -132,7 +132,7 @@ def example_inputs(model: LatentDiffusion, config: ml_collections.ConfigDict) ->
   size = config.data.image_size
   if model.concat_kind == "segmentation":
     example["segmentation"] = np.zeros((1, size, size), np.int32)
-  return model.derive_inputs(example, np.zeros((1, size, size, 3), np.float32), jax.random.key(0))
+  return model.derive_inputs(example, np.zeros((1, size, size, 3), np.float32))
 
 
 def resolve_first_stage(section: ml_collections.ConfigDict, image_size: int):
