@@ -27,7 +27,7 @@ def _init(rng, d_out=D_OUT):
 
 
 def _make_step(nan_at=None):
-  def step_fn(state, batch, rng):
+  def step_fn(state, batch, rng, frozen):
     x = batch["x"] + 0.01 * jax.random.normal(rng, batch["x"].shape)  # uses the per-step rng
     y = batch["x"] @ _W_TRUE
 
