@@ -96,6 +96,7 @@ class LDMPipeline:
       strength: float | None = None,
       mask: np.ndarray | None = None,
       low_res: np.ndarray | None = None,
+      first_index: int = 0,
   ) -> np.ndarray:
     """Samples one image per row of ``inputs`` (``num`` images for an
     unconditional model); returns uint8 NHWC on the host.
@@ -104,6 +105,10 @@ class LDMPipeline:
     editor convention). Ordinary models blend the kept latent at every step;
     inpainting UNets (concat kind ``inpaint``) take mask and masked image as
     conditioning.
+
+    Image ``i``'s starting noise comes from ``(seed, first_index + i)``, so
+    with a deterministic sampler an image does not depend on how a run was
+    split into batches.
     """
     sampler = sampler or SamplerConfig(prediction_type=self.prediction_type)
     height, width = height or self.image_size, width or self.image_size
@@ -142,9 +147,10 @@ class LDMPipeline:
     shard = NamedSharding(self.mesh, P(BATCH_AXES))
     put = lambda tree: jax.tree.map(lambda a: _global(_pad(np.asarray(a), padded), shard), tree)  # noqa: E731
     rng = jax.random.key(seed)
-    k_noise, k_sample = jax.random.split(rng)
-    latent_shape = (padded, height // f, width // f, self.model.latent_channels)
-    x_T = _global(np.asarray(jax.random.normal(k_noise, latent_shape)), shard)
+    latent_shape = (height // f, width // f, self.model.latent_channels)
+    rows = [jax.random.normal(jax.random.fold_in(rng, first_index + i), latent_shape) for i in range(n)]
+    x_T = _global(_pad(np.stack([np.asarray(r) for r in rows]), padded), shard)
+    k_sample = jax.random.fold_in(jax.random.split(rng)[1], first_index)  # stochastic samplers
     images = self._program(
         self.params, self.frozen, put(host), put(uncond_inputs) if guided else None, x_T, k_sample,
         jnp.float32(guidance_scale), jnp.float32(eta),

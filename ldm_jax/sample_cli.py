@@ -1,0 +1,123 @@
+"""What ``sample.py`` does: validate a request, sample in batches, write files."""
+
+import dataclasses
+import json
+import logging
+import os
+
+import numpy as np
+from PIL import Image
+
+from ldm_jax.diffusion.config import SamplerConfig
+from ldm_jax.diffusion.samplers import SAMPLERS
+from ldm_jax.image_grid import make_grid, save_png
+
+
+@dataclasses.dataclass
+class SampleRequest:
+  checkpoint: str
+  prompts: list[str] = dataclasses.field(default_factory=list)
+  prompts_file: str | None = None
+  class_labels: list[int] = dataclasses.field(default_factory=list)
+  negative_prompt: str = ""
+  num: int = 1
+  steps: int = 50
+  sampler: str = "ddim"
+  eta: float = 0.0
+  guidance: float = 7.5
+  seed: int = 0
+  height: int | None = None
+  width: int | None = None
+  init_image: str | None = None
+  strength: float | None = None
+  mask: str | None = None
+  batch_size: int = 16
+  dtype: str | None = None
+  output: str = "samples"
+
+  def validate(self) -> None:
+    """Checks what can be checked before loading the model."""
+    if self.prompts_file:
+      if not os.path.isfile(self.prompts_file):
+        raise ValueError(f"--prompts_file {self.prompts_file!r} does not exist")
+      with open(self.prompts_file) as f:
+        self.prompts += [line.strip() for line in f if line.strip()]
+      if not self.prompts:
+        raise ValueError(f"--prompts_file {self.prompts_file!r} holds no prompts (one per line)")
+    if self.prompts and self.class_labels:
+      raise ValueError("give prompts or class labels, not both")
+    if self.steps <= 0:
+      raise ValueError(f"--steps must be a positive integer, got {self.steps}")
+    if self.sampler not in SAMPLERS:
+      raise ValueError(f"unknown --sampler {self.sampler!r}; allowed: {', '.join(sorted(SAMPLERS))}")
+    if self.num <= 0 or self.batch_size <= 0:
+      raise ValueError("--num and --batch_size must be positive")
+    if self.strength is not None and not 0.0 <= self.strength <= 1.0:
+      raise ValueError(f"--strength must be in [0, 1], got {self.strength}")
+    if (self.strength is not None or self.mask) and not self.init_image:
+      raise ValueError("--strength and --mask need --init_image")
+    for path, flag in ((self.init_image, "--init_image"), (self.mask, "--mask")):
+      if path and not os.path.isfile(path):
+        raise ValueError(f"{flag} {path!r} does not exist")
+
+
+def _read_image(path: str, size: tuple[int, int], mode: str) -> np.ndarray:
+  image = Image.open(path).convert(mode)
+  if image.size != (size[1], size[0]):
+    image = image.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+  return np.asarray(image)
+
+
+def run(request: SampleRequest) -> list[str]:
+  """Samples every requested image; returns the written file paths."""
+  from tqdm import tqdm
+
+  from ldm_jax.loading import load_pipeline
+
+  pipeline = load_pipeline(request.checkpoint, compute_dtype=request.dtype)
+  model = pipeline.model
+  height, width = request.height or pipeline.image_size, request.width or pipeline.image_size
+  f = model.downsample_factor
+  if height % f or width % f:
+    raise SystemExit(f"error: --height/--width {height}x{width} must be multiples of the latent factor {f}")
+  if model.cond_key == "tokens" and not request.prompts:
+    raise SystemExit("error: this model is text-conditional: give --prompt or --prompts_file")
+  if model.cond_key == "label" and not request.class_labels:
+    raise SystemExit("error: this model is class-conditional: give --class_label")
+  conditions = request.prompts or request.class_labels or [None]
+  jobs = [(c, k) for c in conditions for k in range(request.num)]
+  init = mask = None
+  if request.init_image:
+    init = _read_image(request.init_image, (height, width), "RGB").astype(np.float32) / 127.5 - 1.0
+  if request.mask:
+    mask = (_read_image(request.mask, (height, width), "L") > 127).astype(np.float32)
+  sampler = SamplerConfig(sampler=request.sampler, num_steps=request.steps, prediction_type=pipeline.prediction_type)
+  os.makedirs(request.output, exist_ok=True)
+  settings = {k: v for k, v in dataclasses.asdict(request).items() if k not in ("prompts", "class_labels", "output")}
+  records, images = [], []
+  for start in tqdm(range(0, len(jobs), request.batch_size), desc="sampling", unit="batch"):
+    chunk = jobs[start:start + request.batch_size]
+    kw = dict(sampler=sampler, guidance_scale=request.guidance, eta=request.eta, seed=request.seed,
+              height=height, width=width, first_index=start)
+    if init is not None:
+      kw.update(init_images=np.repeat(init[None], len(chunk), 0), strength=request.strength)
+    if mask is not None:
+      kw["mask"] = np.repeat(mask[None], len(chunk), 0)
+    if request.prompts:
+      batch = pipeline.text_to_image([c for c, _ in chunk], negative_prompt=request.negative_prompt, **kw)
+    elif request.class_labels:
+      batch = pipeline.class_to_image([c for c, _ in chunk], **kw)
+    else:
+      batch = pipeline.generate({}, num=len(chunk), **kw)
+    for i, ((condition, _), image) in enumerate(zip(chunk, batch)):
+      index = start + i
+      meta = {**settings, "index": index, "condition": condition}
+      path = save_png(os.path.join(request.output, f"{index:05d}.png"), image, meta)
+      records.append({"file": os.path.basename(path), **meta})
+      images.append(image)
+  grid = save_png(os.path.join(request.output, "grid.png"), make_grid(np.stack(images), ncols=request.num))
+  with open(os.path.join(request.output, "samples.json"), "w") as fh:
+    json.dump(records, fh, indent=2, default=str)
+  logging.info("wrote %d images and %s", len(images), grid)
+  print(f"Wrote {len(images)} images, {grid} and samples.json to {request.output}")
+  return [os.path.join(request.output, r["file"]) for r in records]

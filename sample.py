@@ -1,0 +1,57 @@
+"""Sample images from a trained (or published) latent diffusion model.
+
+  python sample.py --checkpoint runs/demo/ldm --prompt "a large red circle" --num 4
+  python sample.py --checkpoint RUN --class-label 7 --sampler dpmpp_2m --steps 25
+  python sample.py --checkpoint RUN --prompt "..." --init-image in.png --strength 0.6
+  python sample.py --checkpoint RUN --prompt "..." --init-image in.png --mask mask.png
+
+Writes one PNG per image and a grid to --output, each with its prompt, seed
+and settings in the PNG metadata and in samples.json. The same seed and
+settings give identical images.
+"""
+
+import sys
+
+from absl import app, flags
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Stage-2 run directory or published model.", required=True)
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "Text prompt (repeatable).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "File with one prompt per line.")
+_CLASS = flags.DEFINE_multi_integer("class_label", [], "Class label (class-conditional models; repeatable).")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", "", "Negative prompt (the unconditional input of guidance).")
+_NUM = flags.DEFINE_integer("num", 1, "Images per prompt / label (or in total for unconditional models).")
+_STEPS = flags.DEFINE_integer("steps", 50, "Sampler steps.")
+_SAMPLER = flags.DEFINE_string("sampler", "ddim", "ddim | plms | pndm | dpmpp_2m | euler | euler_ancestral | ddpm")
+_ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta (0: deterministic).")
+_GUIDANCE = flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (1: off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_HEIGHT = flags.DEFINE_integer("height", None, "Image height (default: the model's training size).")
+_WIDTH = flags.DEFINE_integer("width", None, "Image width (default: the model's training size).")
+_INIT = flags.DEFINE_string("init_image", None, "Start image (image-to-image / inpainting).")
+_STRENGTH = flags.DEFINE_float("strength", None, "Image-to-image strength in [0, 1].")
+_MASK = flags.DEFINE_string("mask", None, "Inpainting mask image: white = repaint, black = keep.")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Images per sampler call.")
+_DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype override, e.g. bfloat16 on TPU/GPU.")
+_OUTPUT = flags.DEFINE_string("output", "samples", "Output directory.")
+
+
+def main(argv):
+  del argv
+  from ldm_jax.sample_cli import SampleRequest, run
+
+  request = SampleRequest(
+      checkpoint=_CHECKPOINT.value, prompts=list(_PROMPT.value), prompts_file=_PROMPTS_FILE.value,
+      class_labels=list(_CLASS.value), negative_prompt=_NEGATIVE.value, num=_NUM.value, steps=_STEPS.value,
+      sampler=_SAMPLER.value, eta=_ETA.value, guidance=_GUIDANCE.value, seed=_SEED.value, height=_HEIGHT.value,
+      width=_WIDTH.value, init_image=_INIT.value, strength=_STRENGTH.value, mask=_MASK.value,
+      batch_size=_BATCH.value, dtype=_DTYPE.value, output=_OUTPUT.value,
+  )
+  try:
+    request.validate()
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  run(request)
+
+
+if __name__ == "__main__":
+  app.run(main)
