@@ -1,0 +1,184 @@
+"""Stage 1: the paper's first-stage model zoo (KL- and VQ-regularised autoencoders).
+
+  python train.py --config configs/autoencoder.py:kl_f8 --workdir runs/kl_f8 \
+      --config.loss.lpips_weights=lpips_vgg.npz
+  python train.py --config configs/autoencoder.py:demo --workdir /tmp/ae_demo
+
+Variant words (comma-separated):
+
+- model (one of): kl_f4, kl_f8 (default), kl_f16, kl_f32, vq_f4,
+  vq_f4_noattn, vq_f8, vq_f8_n256, vq_f16: CompVis/latent-diffusion's
+  ``models/first_stage_models/*/config.yaml`` and ``configs/autoencoder/``
+  (ch 128, 2 res blocks, 256 px, Adam β=(0.5, 0.9) at 4.5e-6 × batch).
+- data: shapes (default, the built-in dataset), folder (set
+  ``--config.data.path=DIR``), ``tfds:NAME`` (a prepared TFDS dataset, e.g.
+  ``tfds:celeb_a_hq/256``).
+- tiny: shrinks any variant to run on a CPU in seconds (tests).
+- demo / demo_vq: a small f=4 autoencoder on 64 px shapes that reaches
+  28 dB validation PSNR in a few CPU minutes (README demo).
+
+The perceptual loss (LPIPS, ``perceptual_weight=1`` as the reference) needs
+converted weights: ``--config.loss.lpips_weights=FILE`` (see
+``python -m ldm_jax.models.lpips``), or ``--config.loss.perceptual_weight=0``.
+"""
+
+import ml_collections
+
+from ldm_jax.config import ConfigError, parse_variants
+from ldm_jax.data.config import default_data_config
+from ldm_jax.training.mesh import default_mesh_config
+from ldm_jax.training.optim import default_optim_config
+
+# Loss settings of the reference lossconfigs (LPIPSWithDiscriminator /
+# VQLPIPSWithDiscriminator params); anything unset keeps the class default.
+_KL_LOSS = dict(disc_start=50001, kl_weight=1e-6, disc_weight=0.5)
+_VQ_F4_LOSS = dict(disc_start=0, disc_weight=0.75, codebook_weight=1.0)
+_VQ_F16_LOSS = dict(disc_start=250001, disc_weight=0.75, disc_num_layers=2, codebook_weight=1.0)
+
+# name: (kind, embed_dim, n_embed, ch_mult, attn_resolutions, mid attention, loss)
+ZOO = {
+    "kl_f4": ("kl", 3, 0, (1, 2, 4), (), True, _KL_LOSS),
+    "kl_f8": ("kl", 4, 0, (1, 2, 4, 4), (), True, _KL_LOSS),
+    "kl_f16": ("kl", 16, 0, (1, 1, 2, 2, 4), (16,), True, _KL_LOSS),
+    "kl_f32": ("kl", 64, 0, (1, 1, 2, 2, 4, 4), (16, 8), True, _KL_LOSS),
+    "vq_f4": ("vq", 3, 8192, (1, 2, 4), (), True, _VQ_F4_LOSS),
+    "vq_f4_noattn": ("vq", 3, 8192, (1, 2, 4), (), False, _VQ_F4_LOSS),
+    "vq_f8": ("vq", 4, 16384, (1, 2, 2, 4), (32,), True,
+              dict(disc_start=1, disc_weight=0.6, disc_num_layers=2, codebook_weight=1.0)),
+    "vq_f8_n256": ("vq", 4, 256, (1, 2, 2, 4), (32,), True, dict(disc_start=250001, disc_weight=0.75, codebook_weight=1.0)),
+    "vq_f16": ("vq", 8, 16384, (1, 1, 2, 2, 4), (16,), True, _VQ_F16_LOSS),
+}
+DATA_WORDS = ("shapes", "folder")
+OTHER_WORDS = ("tiny", "demo", "demo_vq")
+KNOWN = (*ZOO, *DATA_WORDS, *OTHER_WORDS)
+
+
+def _model(name: str) -> ml_collections.ConfigDict:
+  kind, embed_dim, n_embed, ch_mult, attn, mid_attn, _ = ZOO[name]
+  ddconfig = dict(
+      double_z=kind == "kl", z_channels=embed_dim, resolution=256, in_channels=3, out_ch=3, ch=128,
+      ch_mult=ch_mult, num_res_blocks=2, attn_resolutions=attn, dropout=0.0,
+      attn_type="vanilla" if mid_attn else "none", norm_num_groups=32,
+  )
+  # n_embed is ignored by KL models; kept so that every variant has the same keys.
+  return ml_collections.ConfigDict(dict(kind=kind, embed_dim=embed_dim, n_embed=n_embed, ddconfig=ddconfig))
+
+
+def _loss(name: str) -> ml_collections.ConfigDict:
+  loss = dict(
+      # Stage1LossConfig (reference names and defaults).
+      disc_start=0, logvar_init=0.0, kl_weight=1.0, codebook_weight=1.0, perceptual_weight=1.0,
+      disc_factor=1.0, disc_weight=1.0, disc_loss="hinge",
+      # NLayerDiscriminator.
+      disc_num_layers=3, disc_in_channels=3, disc_ndf=64, use_actnorm=False,
+      lpips_weights="",  # converted LPIPS params (.npz/.safetensors); needed when perceptual_weight > 0
+      train_logvar=False,  # the reference's AutoencoderKL optimiser leaves logvar out
+  )
+  loss.update(ZOO[name][-1])
+  return ml_collections.ConfigDict(loss)
+
+
+def _optim() -> ml_collections.ConfigDict:
+  optim = default_optim_config()
+  optim.name, optim.b1, optim.b2, optim.weight_decay = "adam", 0.5, 0.9, 0.0
+  optim.learning_rate = 4.5e-6  # base_learning_rate
+  optim.scale_lr_by_batch = True  # the reference's lr = base_lr * batch (x GPUs x accumulation)
+  return optim
+
+
+def _train() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      batch_size=8,
+      num_steps=500_000,
+      log_every=100,
+      checkpoint_every=5000,
+      eval_every=5000,
+      keep_checkpoints=3,
+      crop_size=0,  # > 0: train on random crops of this size (in the step, resume-exact)
+      num_eval_images=64,  # fixed validation images for PSNR / LPIPS
+      num_grid_images=8,  # columns of the input | reconstruction grid
+      num_scale_images=64,  # fixed training images for the latent scale factor
+      eval_batch_size=8,
+      progress_bar=True,
+  ))
+
+
+def _data(words: list[str], tfds_names: list[str]) -> ml_collections.ConfigDict:
+  data = default_data_config()
+  data.image_size = 256
+  if len([w for w in words if w in DATA_WORDS]) + len(tfds_names) > 1:
+    raise ConfigError(f"choose one dataset word, got {[w for w in words if w in DATA_WORDS] + tfds_names}")
+  if "folder" in words:
+    data.source = "folder"  # --config.data.path=DIR ("{split}" is replaced by the split name)
+  elif tfds_names:
+    data.source, data.name = "tfds", tfds_names[0].split(":", 1)[1]
+  return data
+
+
+def _tiny(config: ml_collections.ConfigDict) -> None:
+  """A few seconds on a CPU, whatever the variant: same levels, tiny widths."""
+  dd = config.model.ddconfig
+  scale = 32 / dd.resolution
+  dd.ch, dd.num_res_blocks, dd.norm_num_groups, dd.resolution = 16, 1, 4, 32
+  # Attention stays at the same depth of the (now 32 px) pyramid.
+  dd.attn_resolutions = tuple(max(int(r * scale), 1) for r in dd.attn_resolutions)
+  if config.model.kind == "vq":
+    config.model.n_embed = min(config.model.n_embed, 64)
+  config.data.image_size = 32
+  config.data.shapes.update(dict(num_train=64, num_validation=16, num_test=8))
+  config.loss.update(dict(disc_ndf=8, disc_num_layers=2, perceptual_weight=0.0, disc_start=5))
+  config.optim.update(dict(learning_rate=3e-3, scale_lr_by_batch=False))
+  config.train.update(dict(
+      batch_size=8, num_steps=10, log_every=1, checkpoint_every=5, eval_every=5, num_eval_images=8,
+      num_scale_images=8, eval_batch_size=8, num_grid_images=4, progress_bar=False,
+  ))
+
+
+def _demo(config: ml_collections.ConfigDict, kind: str) -> None:
+  """Small f=4 autoencoder, 64 px shapes, tuned for a 2-core CPU (README)."""
+  name = "vq_f4" if kind == "vq" else "kl_f4"
+  config.model, config.loss = _model(name), _loss(name)
+  dd = config.model.ddconfig
+  dd.ch, dd.num_res_blocks, dd.norm_num_groups, dd.resolution, dd.attn_type = 32, 1, 8, 64, "none"
+  if kind == "vq":
+    config.model.n_embed = 512
+  config.data.image_size = 64
+  # No LPIPS weights on a fresh machine; the GAN would only cost time here.
+  config.loss.update(dict(perceptual_weight=0.0, disc_factor=0.0))
+  config.optim.update(dict(learning_rate=1e-3, scale_lr_by_batch=False, schedule="cosine", warmup_steps=50))
+  config.train.update(dict(
+      batch_size=16, crop_size=32, num_steps=1500, log_every=50, checkpoint_every=500, eval_every=500,
+      num_eval_images=64, eval_batch_size=16,
+  ))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  words = [w for w in (arg or "").split(",") if w]
+  tfds_names = [w for w in words if w.startswith("tfds:")]
+  words = parse_variants(",".join(w for w in words if w not in tfds_names), KNOWN)
+  models = [w for w in words if w in ZOO]
+  if len(models) > 1:
+    raise ConfigError(f"choose one model variant, got {models}")
+  demos = [w for w in words if w.startswith("demo")]
+  if demos and (models or len(demos) > 1):
+    raise ConfigError(f"'demo' and 'demo_vq' are complete models; do not combine them with {models + demos[1:]}")
+
+  config = ml_collections.ConfigDict()
+  config.stage = "autoencoder"
+  config.seed = 0
+  # RngBitGenerator keys: as good for training, and their init programs
+  # compile several times faster on CPU than threefry's (54 s vs 11 s for
+  # the tiny test model). "threefry2x32" restores JAX's default.
+  config.prng_impl = "rbg"
+  config.compilation_cache_dir = "~/.cache/ldm_jax/xla"  # "" disables the persistent cache
+  config.model = _model(models[0] if models else "kl_f8")
+  config.loss = _loss(models[0] if models else "kl_f8")
+  config.optim = _optim()
+  config.train = _train()
+  config.data = _data(words, tfds_names)
+  config.mesh = default_mesh_config()
+  if demos:
+    _demo(config, "vq" if demos[0] == "demo_vq" else "kl")
+  if "tiny" in words:
+    _tiny(config)
+  return config
