@@ -1,18 +1,17 @@
 """Tiny KL and VQ autoencoders against diffusers' PyTorch implementation.
 
-diffusers' state dicts are renamed to the original CompVis names here (the
-well-known table), then loaded through the generic ``interop.naming`` rule,
+diffusers' state dicts are renamed to the original CompVis names with
+``interop.diffusers_vae``, then loaded through the generic ``interop.naming`` rule,
 so these tests also check that our parameter tree takes reference
 checkpoints.
 """
-
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax.interop.diffusers_vae import diffusers_vae_to_original
 from ldm_jax.interop.naming import torch_to_flax
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.vq import VQModel
@@ -24,18 +23,6 @@ CH, CH_MULT, GROUPS = 8, (1, 2, 2), 4
 X_SHAPE = (2, 32, 48, 3)  # not square: catches H/W mix-ups
 
 
-def diffusers_to_original(key: str, num_levels: int) -> str:
-  """diffusers VAE key -> CompVis ldm key."""
-  key = re.sub(r"mid_block\.resnets\.(\d)", lambda m: f"mid.block_{int(m[1]) + 1}", key)
-  key = key.replace("mid_block.attentions.0.", "mid.attn_1.")
-  for a, b in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
-    key = key.replace(f"attn_1.{a}.", f"attn_1.{b}.")
-  key = re.sub(r"down_blocks\.(\d+)", r"down.\1", key)
-  key = re.sub(r"up_blocks\.(\d+)", lambda m: f"up.{num_levels - 1 - int(m[1])}", key)
-  key = key.replace(".resnets.", ".block.").replace("downsamplers.0", "downsample").replace("upsamplers.0", "upsample")
-  return key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
-
-
 def randomize_(module, seed: int) -> None:
   """Moves every parameter off its init (norms included) so all paths matter."""
   gen = torch.Generator().manual_seed(seed)
@@ -45,8 +32,8 @@ def randomize_(module, seed: int) -> None:
 
 
 def to_flax_variables(torch_model, flax_model, x_shape, **init_kw):
-  levels = len(torch_model.config.block_out_channels)
-  sd = {diffusers_to_original(k, levels): v.numpy() for k, v in torch_model.state_dict().items()}
+  section = {"ddconfig": flax_model.ddconfig}
+  sd = diffusers_vae_to_original({k: v.numpy() for k, v in torch_model.state_dict().items()}, section)
   template = jax.eval_shape(
       lambda x: flax_model.init(jax.random.key(0), x, **init_kw), jax.ShapeDtypeStruct(x_shape, jnp.float32)
   )
