@@ -74,6 +74,15 @@ def _base() -> ml_collections.ConfigDict:
   c.sample = C(dict(
       prompts=(), labels=(), num_unconditional=16, sampler="ddim", num_steps=50, timestep_spacing="leading",
       steps_offset=1, guidance_scale=1.0, seed=0))
+  # Periodic evaluation (ldm_jax/training/eval_hook.py), off while every=0: every `every` steps,
+  # FID of `num_samples` EMA samples (batches of `batch_size`, `sampler`/`num_steps`/`eta`, guidance
+  # `guidance_scale`, -1: sample.guidance_scale) against `num_real` images (-1: all) of `split`
+  # ("": data.eval_split) or the statistics file `ref_stats`; features of `feature_net` ("inception" with
+  # `inception_weights`, "shapes_judge" with `judge_weights`). Logged as eval/fid.
+  c.eval = C(dict(
+      every=0, num_samples=1000, num_real=-1, batch_size=50, sampler="ddim", num_steps=50, eta=0.0,
+      guidance_scale=-1.0, seed=0, split="", ref_stats="", feature_net="inception", inception_weights="",
+      judge_weights=""))
   c.mesh = default_mesh_config()
   c.precision = C(dict(compute_dtype="float32"))
   c.attention_impl = "auto"

@@ -26,6 +26,7 @@ from ldm_jax.models.build import build_latent_diffusion
 from ldm_jax.models.latent_diffusion import LatentDiffusion
 from ldm_jax.pipeline import LDMPipeline
 from ldm_jax.training import latent_cache, ldm_step
+from ldm_jax.training.eval_hook import make_eval_hook
 from ldm_jax.models.first_stage import make_first_stage
 from ldm_jax.training.first_stage_copy import save_first_stage_copy
 from ldm_jax.training.first_stage_io import load_first_stage
@@ -225,6 +226,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     pipeline = LDMPipeline(model, None, frozen, schedule, tokenizer, config.data.tokenizer.max_length,
                            config.diffusion.prediction_type, config.data.image_size, mesh)
     hooks.append(Hook(config.train.sample_every, SampleGridHook(pipeline, config, workdir, writer), "samples"))
+  if config.get("eval") is not None and config.eval.every > 0:
+    eval_pipeline = LDMPipeline(model, None, frozen, schedule, tokenizer, config.data.tokenizer.max_length,
+                                config.diffusion.prediction_type, config.data.image_size, mesh)
+    hooks.append(make_eval_hook(config, eval_pipeline, writer, sampler_config(config)))
 
   meta = {
       "config": json.loads(json.dumps(config.to_dict(), default=str)),
