@@ -41,6 +41,9 @@ class LDMPipeline:
     tokenizer: for text prompts (``ldm_jax.data.tokenizers``), or None.
     prediction_type: what the UNet outputs (eps, x0 or v).
     mesh: devices to split the batch over (all local devices by default).
+    sampler_defaults: ``SamplerConfig`` fields that go with the checkpoint's
+      scheduler (timestep spacing, steps offset, ...), used by
+      :meth:`sampler_config`.
   """
 
   model: LatentDiffusion
@@ -52,6 +55,7 @@ class LDMPipeline:
   prediction_type: str = "eps"
   image_size: int = 256
   mesh: Mesh | None = None
+  sampler_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.mesh is None:
@@ -80,6 +84,24 @@ class LDMPipeline:
     key = "label"
     return self.generate({key: np.asarray(labels, np.int32)}, **kw)
 
+  def image_to_image(self, prompts: Sequence[str], init_images: np.ndarray, *, strength: float = 0.8,
+                     **kw) -> np.ndarray:
+    """Text-guided image-to-image: ``init_images`` (N, H, W, 3) in [-1, 1], noised to ``strength``."""
+    init_images = np.asarray(init_images, np.float32)
+    height, width = init_images.shape[1:3]
+    return self.text_to_image(prompts, init_images=init_images, strength=strength, height=height, width=width, **kw)
+
+  def inpaint(self, prompts: Sequence[str], init_images: np.ndarray, mask: np.ndarray, **kw) -> np.ndarray:
+    """Repaints where ``mask`` (N, H, W) is 1, keeping the rest of ``init_images`` ([-1, 1])."""
+    init_images = np.asarray(init_images, np.float32)
+    height, width = init_images.shape[1:3]
+    return self.text_to_image(prompts, init_images=init_images, mask=mask, height=height, width=width, **kw)
+
+  def sampler_config(self, sampler: str = "ddim", num_steps: int = 50, **overrides: Any) -> SamplerConfig:
+    """A ``SamplerConfig`` with this checkpoint's scheduler settings and prediction type."""
+    fields = {"prediction_type": self.prediction_type, **self.sampler_defaults, **overrides}
+    return SamplerConfig(sampler=sampler, num_steps=num_steps, **fields)
+
   def generate(
       self,
       inputs: dict[str, np.ndarray],
@@ -97,6 +119,8 @@ class LDMPipeline:
       mask: np.ndarray | None = None,
       low_res: np.ndarray | None = None,
       first_index: int = 0,
+      x_T: np.ndarray | None = None,
+      output_type: str = "uint8",
   ) -> np.ndarray:
     """Samples one image per row of ``inputs`` (``num`` images for an
     unconditional model); returns uint8 NHWC on the host.
@@ -108,9 +132,13 @@ class LDMPipeline:
 
     Image ``i``'s starting noise comes from ``(seed, first_index + i)``, so
     with a deterministic sampler an image does not depend on how a run was
-    split into batches.
+    split into batches. ``x_T`` (N, h, w, C latents) replaces that noise,
+    e.g. to start from the same latents as another implementation.
+    ``output_type="float"`` returns float32 images in [0, 1] instead of uint8.
     """
-    sampler = sampler or SamplerConfig(prediction_type=self.prediction_type)
+    sampler = sampler or self.sampler_config()
+    if output_type not in ("uint8", "float"):
+      raise ValueError(f"output_type must be 'uint8' or 'float', got {output_type!r}")
     height, width = height or self.image_size, width or self.image_size
     f = self.model.downsample_factor
     if height % f or width % f:
@@ -148,8 +176,12 @@ class LDMPipeline:
     put = lambda tree: jax.tree.map(lambda a: _global(_pad(np.asarray(a), padded), shard), tree)  # noqa: E731
     rng = jax.random.key(seed)
     latent_shape = (height // f, width // f, self.model.latent_channels)
-    rows = [jax.random.normal(jax.random.fold_in(rng, first_index + i), latent_shape) for i in range(n)]
-    x_T = _global(_pad(np.stack([np.asarray(r) for r in rows]), padded), shard)
+    if x_T is None:
+      rows = [jax.random.normal(jax.random.fold_in(rng, first_index + i), latent_shape) for i in range(n)]
+      x_T = np.stack([np.asarray(r) for r in rows])
+    elif np.shape(x_T) != (n, *latent_shape):
+      raise ValueError(f"x_T has shape {np.shape(x_T)}; expected {(n, *latent_shape)} (N, h, w, C latents)")
+    x_T = _global(_pad(np.asarray(x_T, np.float32), padded), shard)
     k_sample = jax.random.fold_in(jax.random.split(rng)[1], first_index)  # stochastic samplers
     images = self._program(
         self.params, self.frozen, put(host), put(uncond_inputs) if guided else None, x_T, k_sample,
@@ -159,7 +191,10 @@ class LDMPipeline:
         sampler_config=sampler, strength=strength, guided=guided,
         blend=mask is not None and self.model.concat_kind != "inpaint",
     )
-    return to_uint8(multihost_utils.process_allgather(images, tiled=True)[:n])
+    images = multihost_utils.process_allgather(images, tiled=True)[:n]
+    if output_type == "float":
+      return (np.asarray(images, np.float32) + 1.0) / 2.0
+    return to_uint8(images)
 
 
 def _global(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
