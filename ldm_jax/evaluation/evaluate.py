@@ -1,0 +1,338 @@
+"""What ``evaluate.py`` does: images → features → metrics → a JSON report.
+
+Three kinds of input, one report:
+
+- a stage-2 run directory (or published model): N samples with the given
+  sampler, conditioned on the reference split's captions / labels, a prompts
+  file, or balanced classes;
+- a stage-1 run directory: reconstructions of the reference split (rFID,
+  PSNR, SSIM);
+- a folder of images (``images_dir``).
+
+The reference is a dataset split (the run's data config, or ``config``), a
+folder (``ref_dir``) or a statistics ``.npz`` (``ref_stats``, FID only).
+``save_stats`` writes the reference's statistics for later runs.
+"""
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from ldm_jax.evaluation import feature_metrics, image_sources, precision_recall, recipes, statistics
+from ldm_jax.evaluation.feature_nets import FEATURE_NETS, FeatureNet, file_sha256, make_feature_net
+
+METRICS = ("fid", "kid", "is", "pr", "rfid", "psnr", "ssim")
+SAMPLE_METRICS = ("fid", "kid", "is", "pr")
+STAGE1_METRICS = ("rfid", "psnr", "ssim")
+NEEDS_REAL_FEATURES = ("kid", "pr")
+
+
+@dataclasses.dataclass
+class EvalRequest:
+  checkpoint: str | None = None
+  images_dir: str | None = None
+  metrics: list[str] = dataclasses.field(default_factory=lambda: ["fid"])
+  recipe: str | None = None
+  num_samples: int = 1000
+  sampler: str = "ddim"
+  steps: int = 50
+  eta: float = 0.0
+  guidance: float = 1.0
+  seed: int = 0
+  prompts_file: str | None = None
+  classes: str = "split"
+  num_classes: int = 0
+  config: str | None = None
+  split: str | None = None
+  num_real: int = -1
+  ref_stats: str | None = None
+  ref_dir: str | None = None
+  save_stats: str | None = None
+  feature_net: str = "inception"
+  inception_weights: str = ""
+  judge_weights: str = ""
+  image_size: int = 0
+  batch_size: int = 50
+  kid_subset_size: int = 1000
+  dtype: str | None = None
+  output: str = "eval_report.json"
+  command: list[str] = dataclasses.field(default_factory=lambda: list(sys.argv))
+
+  def apply_recipe(self, explicit: set[str] = frozenset()) -> None:
+    """Takes the recipe's settings for every field not in ``explicit``."""
+    if not self.recipe:
+      return
+    r = recipes.get_recipe(self.recipe)
+    values = dict(num_samples=r.num_samples, sampler=r.sampler, steps=r.steps, eta=r.eta, guidance=r.guidance,
+                  metrics=list(r.metrics), split=r.split, classes=r.classes)
+    for key, value in values.items():
+      if key not in explicit:
+        setattr(self, key, value)
+
+  def validate(self) -> None:
+    """Checks what can be checked before loading anything."""
+    unknown = [m for m in self.metrics if m not in METRICS]
+    if unknown:
+      raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
+    if not self.metrics and not self.save_stats:
+      raise ValueError("nothing to do: give --metrics and/or --save_stats")
+    if self.checkpoint and self.images_dir:
+      raise ValueError("give --checkpoint or --images_dir, not both")
+    if not (self.checkpoint or self.images_dir or self.save_stats):
+      raise ValueError("give --checkpoint (a run directory) or --images_dir (a folder of images) to evaluate")
+    if self.feature_net not in FEATURE_NETS:
+      raise ValueError(f"unknown --feature_net {self.feature_net!r}; choose from {FEATURE_NETS}")
+    if self.ref_stats and self.ref_dir:
+      raise ValueError("give --ref_stats or --ref_dir, not both")
+    if self.ref_stats and any(m in NEEDS_REAL_FEATURES for m in self.metrics):
+      raise ValueError(f"--ref_stats holds only mean and covariance: {NEEDS_REAL_FEATURES} need the reference "
+                       "images (a dataset split or --ref_dir)")
+    for path, flag in ((self.ref_stats, "--ref_stats"), (self.prompts_file, "--prompts_file")):
+      if path and not os.path.isfile(path):
+        raise ValueError(f"{flag} {path!r} does not exist")
+    if self.num_samples < 2 or self.batch_size < 1:
+      raise ValueError("--num_samples must be >= 2 and --batch_size positive")
+    if self.classes not in ("split", "balanced"):
+      raise ValueError(f"--classes must be 'split' or 'balanced', got {self.classes!r}")
+
+
+# ----------------------------------------------------------------- metrics
+def compute_metrics(metrics, gen: dict[str, np.ndarray], real: dict[str, np.ndarray] | None = None,
+                    real_stats: tuple[np.ndarray, np.ndarray] | None = None, *,
+                    kid_subset_size: int = 1000) -> dict[str, float]:
+  """Generative metrics of ``gen`` features (``pool``, ``logits``) against ``real`` ones or statistics.
+
+  ``rfid`` is FID where ``gen`` holds reconstructions of ``real``.
+  """
+  out = {}
+  want = set(metrics)
+  if want & {"fid", "rfid"}:
+    mu_r, sigma_r = real_stats if real_stats is not None else statistics.mean_and_covariance(real["pool"])
+    fid = feature_metrics.frechet_distance(*statistics.mean_and_covariance(gen["pool"]), mu_r, sigma_r)
+    out["rfid" if "rfid" in want else "fid"] = fid
+  if "kid" in want:
+    size = min(kid_subset_size, len(gen["pool"]), len(real["pool"]))
+    out["kid_mean"], out["kid_std"] = feature_metrics.kernel_inception_distance(
+        gen["pool"], real["pool"], subset_size=size)
+    out["kid_subset_size"] = size
+  if "is" in want:
+    if "logits" not in gen:
+      raise ValueError("the Inception Score needs class logits: use --feature_net=inception")
+    out["is_mean"], out["is_std"] = feature_metrics.inception_score(gen["logits"], splits=min(10, len(gen["logits"])))
+  if "pr" in want:
+    out["precision"], out["recall"] = precision_recall.precision_recall(real["pool"], gen["pool"])
+  return out
+
+
+# --------------------------------------------------------------- the run
+def _run_kind(checkpoint: str) -> tuple[str, int | None, dict | None]:
+  """``("samples" | "reconstructions", step, meta)`` of a checkpoint path."""
+  from ldm_jax.training.checkpoint import Checkpointer
+
+  if not os.path.exists(checkpoint):
+    raise FileNotFoundError(f"--checkpoint {checkpoint!r} does not exist")
+  ckpt_dir = os.path.join(checkpoint, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    return "samples", None, None  # a published model: ldm_jax.loading dispatches it
+  checkpointer = Checkpointer(ckpt_dir, async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    meta = checkpointer.read_meta(step) if step is not None else None
+  finally:
+    checkpointer.close()
+  if step is None:
+    raise FileNotFoundError(f"{checkpoint} is a run directory without checkpoints yet")
+  return ("reconstructions" if (meta or {}).get("stage") == "autoencoder" else "samples"), step, meta
+
+
+def _data_config(request: EvalRequest, meta: dict | None) -> ml_collections.ConfigDict | None:
+  if request.config:
+    from ldm_jax.config import load_config
+
+    return load_config(request.config).data
+  if meta and "config" in meta:
+    return ml_collections.ConfigDict(meta["config"]["data"])
+  return None
+
+
+def _versions() -> dict[str, str]:
+  import importlib.metadata as md
+
+  out = {"python": platform.python_version()}
+  for name in ("jax", "jaxlib", "flax", "numpy", "scipy", "ldm_jax"):
+    try:
+      out[name] = md.version(name)
+    except md.PackageNotFoundError:
+      pass
+  return out
+
+
+def _reference(request, data_config, extract, image_size):
+  """``(features | None, stats | None, scan | None, description)`` of the reference images."""
+  if request.ref_stats:
+    desc = {"kind": "stats", "stats_file": os.path.abspath(request.ref_stats),
+            "stats_sha256": file_sha256(request.ref_stats)}
+    return None, statistics.load_statistics(request.ref_stats), None, desc
+  if request.ref_dir:
+    feats = image_sources.extract_all(extract, (b for b, _ in image_sources.folder_batches(
+        request.ref_dir, size=image_size, batch_size=request.batch_size)))
+    if request.num_real > 0:
+      feats = {k: v[: request.num_real] for k, v in feats.items()}
+    return feats, None, None, {"kind": "folder", "path": os.path.abspath(request.ref_dir), "num_images": len(feats["pool"])}
+  if data_config is None:
+    raise ValueError("no reference: give --ref_stats, --ref_dir, or --config naming a dataset (a run directory "
+                     "brings its own data config)")
+  split = request.split or data_config.eval_split
+  scan = image_sources.scan_split(image_sources.split_batches(
+      data_config, split, batch_size=request.batch_size, num=request.num_real), extract)
+  desc = {"kind": "split", "split": split, "num_images": scan.count,
+          "data": {k: data_config.get(k) for k in ("source", "name", "path", "data_dir", "image_size")}}
+  return scan.features, None, scan, desc
+
+
+def run(request: EvalRequest) -> dict[str, Any]:
+  """Evaluates as ``request`` says; writes and returns the report."""
+  request.validate()
+  metrics = list(request.metrics)
+  kind, step, meta = _run_kind(request.checkpoint) if request.checkpoint else (
+      "folder" if request.images_dir else "statistics", None, None)
+  if kind == "reconstructions":
+    bad = [m for m in metrics if m not in STAGE1_METRICS]
+  else:
+    bad = [m for m in metrics if m in STAGE1_METRICS]
+  if bad:
+    raise ValueError(f"metrics {bad} do not apply to {kind}: {STAGE1_METRICS} are for stage-1 run directories, "
+                     f"{SAMPLE_METRICS} for samples and folders")
+  data_config = _data_config(request, meta)
+  needs_features = bool(request.save_stats) or any(m in ("fid", "kid", "is", "pr", "rfid") for m in metrics)
+  net: FeatureNet | None = make_feature_net(
+      request.feature_net, inception_weights=request.inception_weights,
+      judge_weights=request.judge_weights) if needs_features else None
+  extract = net.extractor() if net is not None else None
+  report: dict[str, Any] = {
+      "command": request.command, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      "mode": kind, "recipe": request.recipe, "request": dataclasses.asdict(request),
+      "feature_net": net.describe() if net is not None else None, "versions": _versions(),
+      "devices": [str(d) for d in jax.devices()],
+  }
+  if request.checkpoint:
+    report["checkpoint"] = {"path": os.path.abspath(request.checkpoint), "step": step}
+
+  if kind == "reconstructions":
+    report.update(_evaluate_reconstructions(request, data_config, extract, metrics))
+  else:
+    image_size = request.image_size or (data_config.image_size if data_config is not None else 0)
+    if not image_size and request.images_dir:
+      image_size = image_sources.first_image_size(request.images_dir)
+    real_needed = needs_features and (any(m in SAMPLE_METRICS for m in metrics) or request.save_stats)
+    real, stats, scan, ref_desc = (None, None, None, None)
+    if real_needed or kind == "samples":
+      real, stats, scan, ref_desc = _reference(request, data_config, extract if real_needed else None, image_size)
+      report["reference"] = ref_desc
+    if request.save_stats and real is not None:
+      statistics.save_statistics(request.save_stats, *statistics.mean_and_covariance(real["pool"]))
+      report["saved_stats"] = os.path.abspath(request.save_stats)
+    gen = None
+    if kind == "samples":
+      gen, report["sampling"] = _sample_features(request, scan, extract)
+    elif kind == "folder":
+      gen = image_sources.extract_all(extract, (b for b, _ in image_sources.folder_batches(
+          request.images_dir, size=image_size, batch_size=request.batch_size)))
+      report["images"] = {"path": os.path.abspath(request.images_dir), "image_size": image_size}
+    if gen is not None:
+      report["num_generated"] = len(gen["pool"])
+      report["metrics"] = compute_metrics(metrics, gen, real, stats, kid_subset_size=request.kid_subset_size)
+  os.makedirs(os.path.dirname(os.path.abspath(request.output)), exist_ok=True)
+  with open(request.output, "w") as f:
+    json.dump(report, f, indent=2, default=str)
+  logging.info("evaluation report: %s", json.dumps(report.get("metrics", {})))
+  return report
+
+
+def _sample_features(request: EvalRequest, scan, extract) -> tuple[dict, dict]:
+  from ldm_jax.diffusion.config import SamplerConfig
+  from ldm_jax.loading import load_pipeline
+
+  pipeline = load_pipeline(request.checkpoint, compute_dtype=request.dtype)
+  model = pipeline.model
+  if model.concat_kind != "none":
+    raise ValueError(f"this model is conditioned on {model.concat_kind!r} images: sample it with sample.py and "
+                     "evaluate the folder with --images_dir")
+  prompts = []
+  if request.prompts_file:
+    with open(request.prompts_file) as f:
+      prompts = [line.strip() for line in f if line.strip()]
+  num_classes = request.num_classes
+  if not num_classes and model.cond_key == "label":
+    num_classes = model.cond_stage.module.null_class  # the classes before the null class
+  conditions = image_sources.conditions_for(
+      model.cond_key, request.num_samples, captions=scan.captions if scan else [], labels=scan.labels if scan else [],
+      prompts=prompts, num_classes=num_classes, classes=request.classes)
+  sampler = SamplerConfig(sampler=request.sampler, num_steps=request.steps, prediction_type=pipeline.prediction_type)
+  batches = image_sources.sample_batches(
+      pipeline, conditions, num=request.num_samples, batch_size=request.batch_size, sampler=sampler,
+      guidance_scale=request.guidance, eta=request.eta, seed=request.seed)
+  gen = image_sources.extract_all(extract, batches)
+  source = ("prompts_file" if prompts else "split_captions") if model.cond_key == "tokens" else (
+      f"classes_{request.classes}" if model.cond_key == "label" else "unconditional")
+  desc = {"sampler": dataclasses.asdict(sampler), "eta": request.eta, "guidance_scale": request.guidance,
+          "seed": request.seed, "num_samples": request.num_samples, "batch_size": request.batch_size,
+          "conditions": source, "image_size": pipeline.image_size}
+  if prompts:
+    desc["prompts_sha256"] = file_sha256(request.prompts_file)
+  return gen, desc
+
+
+def _evaluate_reconstructions(request: EvalRequest, data_config, extract, metrics) -> dict:
+  """rFID / PSNR / SSIM of a first stage's reconstructions of the reference split."""
+  from ldm_jax.evaluation.image_metrics import psnr, ssim
+  from ldm_jax.pipeline import to_uint8
+  from ldm_jax.reconstruct import make_reconstruct_fn
+  from ldm_jax.training.first_stage_io import load_first_stage
+
+  if data_config is None:
+    raise ValueError("a stage-1 evaluation needs the dataset: the run's config or --config")
+  model, variables, _, _ = load_first_stage(request.checkpoint)
+  fn = make_reconstruct_fn(model)
+  split = request.split or data_config.eval_split
+  bs = request.batch_size
+  real_f, rec_f, psnrs, ssims = [], [], [], []
+  for batch in image_sources.split_batches(data_config, split, batch_size=bs, num=request.num_real):
+    x = batch["image"]
+    n = len(x)
+    padded = np.concatenate([x, np.repeat(x[-1:], bs - n, axis=0)])  # one compiled shape
+    rec = to_uint8(jax.device_get(fn(variables["params"], None, padded)["reconstruction"]))[:n]
+    orig = to_uint8(x)
+    psnrs.append(np.asarray(psnr(orig, rec, value_range=(0.0, 255.0)), np.float64))
+    if "ssim" in metrics:
+      ssims.append(np.asarray(ssim(orig, rec, value_range=(0.0, 255.0)), np.float64))
+    if extract is not None:
+      real_f.append(extract(orig))
+      rec_f.append(extract(rec))
+  if not psnrs:
+    raise ValueError(f"split {split!r} holds no images")
+  out = {"reference": {"kind": "split", "split": split, "num_images": int(sum(map(len, psnrs)))}, "metrics": {}}
+  if "psnr" in metrics:
+    p = np.concatenate(psnrs)
+    out["metrics"].update(psnr_mean=float(p.mean()), psnr_std=float(p.std()))
+  if "ssim" in metrics:
+    s = np.concatenate(ssims)
+    out["metrics"].update(ssim_mean=float(s.mean()), ssim_std=float(s.std()))
+  if extract is not None:
+    real = jax.tree.map(lambda *a: np.concatenate(a), *real_f)
+    rec = jax.tree.map(lambda *a: np.concatenate(a), *rec_f)
+    if "rfid" in metrics:
+      out["metrics"].update(compute_metrics(["rfid"], rec, real))
+    if request.save_stats:
+      statistics.save_statistics(request.save_stats, *statistics.mean_and_covariance(real["pool"]))
+      out["saved_stats"] = os.path.abspath(request.save_stats)
+  return out
