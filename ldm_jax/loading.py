@@ -29,7 +29,7 @@ def load_pipeline(path: str, *, use_ema: bool = True, mesh=None, compute_dtype: 
     return _load_run_dir(path, use_ema=use_ema, mesh=mesh, compute_dtype=compute_dtype)
   from ldm_jax.interop.pretrained import load_pretrained_pipeline  # published formats
 
-  return load_pretrained_pipeline(path, mesh=mesh, compute_dtype=compute_dtype)
+  return load_pretrained_pipeline(path, mesh=mesh, compute_dtype=compute_dtype, use_ema=use_ema)
 
 
 def _load_run_dir(path: str, *, use_ema: bool, mesh, compute_dtype: str | None):

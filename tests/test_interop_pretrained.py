@@ -135,7 +135,10 @@ def test_single_file_equals_folder_and_picks_ema(v1, tmp_path):
   to_single_file(ref, folder, path, with_ema=True)
   (tmp_path / "tokenizer").symlink_to(folder / "tokenizer")
   single = load_pretrained_pipeline(str(path))  # no config: architecture read off the shapes
-  assert single.model == ours.model
+  # Architecture read off the shapes = the folder's config.json (image_size / resolution are not in the weights).
+  assert single.model.unet.clone(image_size=8) == ours.model.unet
+  assert single.model.cond_stage.module == ours.model.cond_stage.module
+  assert single.model.concat_kind == "none" and single.model.scale_factor == ours.model.scale_factor
   assert_same_variables(single.params, ours.params)
   assert_same_variables(single.frozen, ours.frozen)
   assert single.tokenizer is not None and single.sampler_defaults == ours.sampler_defaults
@@ -153,7 +156,7 @@ def test_single_file_with_yaml_config_v2(v2, tmp_path):
   path = tmp_path / "v2-tiny.ckpt"
   state = to_single_file(ref, folder, tmp_path / "v2-tiny.safetensors", with_ema=False)
   torch.save({"state_dict": {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}}, str(path))
-  unet = dict(image_size=8, in_channels=4, out_channels=4, model_channels=16, attention_resolutions=[1, 2],
+  unet = dict(image_size=8, in_channels=4, out_channels=4, model_channels=16, attention_resolutions=[2, 1],
               num_res_blocks=1, channel_mult=[1, 2], num_head_channels=8, use_spatial_transformer=True,
               use_linear_in_transformer=True, transformer_depth=1, context_dim=32, legacy=False, norm_num_groups=8,
               use_checkpoint=True)
