@@ -244,9 +244,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       partition_rules=tuple(config.mesh.rules), progress_bar=config.train.progress_bar,
   )
   logging.info("training %s for %d steps in %s", type(model.unet).__name__, config.train.num_steps, workdir)
+  rng = jax.random.key(config.seed, impl=config.get("prng_impl") or None)
   result = train_loop(
       workdir=workdir, mesh=mesh, cfg=loop_cfg, init_fn=init_fn, step_fn=step_fn, batches=batches,
-      data_iterator=iterator, rng=jax.random.key(config.seed), hooks=hooks, meta=meta, writer=writer, frozen=frozen,
+      data_iterator=iterator, rng=rng, hooks=hooks, meta=meta, writer=writer, frozen=frozen,
   )
   writer.close()
   return result
