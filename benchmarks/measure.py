@@ -44,7 +44,8 @@ def measure_workload(w: Workload, *, repeats: int, warmup: int, profile_dir: str
     if w.next_args:
       args[:] = w.next_args(tuple(args), out)
 
-  times = time_steps(step, repeats, warmup)
+  cpu_times: list[float] = []
+  times = time_steps(step, repeats, warmup, cpu_times)
   if profile_dir:
     with jax.profiler.trace(os.path.join(profile_dir, w.name)):
       step()
@@ -62,6 +63,7 @@ def measure_workload(w: Workload, *, repeats: int, warmup: int, profile_dir: str
       warm_cache_hit=warm.cache_hits > 0,
       **stats,
       times_s=times,
+      cpu_over_wall=sum(cpu_times) / sum(times),
       flops_per_step=step_flops,
       **throughput(w.images, step_flops, stats["median_s"], device_peak_flops()),
       xla_memory_bytes=memory_bytes(executable),
@@ -87,7 +89,8 @@ def measure_eager(
   ``warmup`` calls. FLOPs are our program's count (same architecture).
   """
   first = time_steps(step, 1, warmup=0)[0]
-  times = time_steps(step, repeats, max(warmup - 1, 0))
+  cpu_times: list[float] = []
+  times = time_steps(step, repeats, max(warmup - 1, 0), cpu_times)
   stats = summarize(times)
   return dict(
       workload=name,
@@ -95,6 +98,7 @@ def measure_eager(
       first_call_s=first,
       **stats,
       times_s=times,
+      cpu_over_wall=sum(cpu_times) / sum(times),
       flops_per_step=flops_per_step,
       **throughput(images, flops_per_step, stats["median_s"], peak),
       peak_device_bytes=peak_memory(),

@@ -5,11 +5,14 @@ import time
 from collections.abc import Callable
 
 
-def time_steps(step: Callable[[], None], repeats: int, warmup: int = 1) -> list[float]:
+def time_steps(step: Callable[[], None], repeats: int, warmup: int = 1,
+               cpu_times: list[float] | None = None) -> list[float]:
   """Seconds of each of ``repeats`` calls of ``step`` after ``warmup`` untimed ones.
 
   ``step`` must return only once its work is done (``block_until_ready``,
-  ``torch.cuda.synchronize``).
+  ``torch.cuda.synchronize``). With ``cpu_times``, the process's CPU seconds
+  (all threads) of each call are appended to it: on a shared machine a step
+  whose CPU time is far below its wall time was waiting for a core.
   """
   if repeats < 1:
     raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -17,9 +20,11 @@ def time_steps(step: Callable[[], None], repeats: int, warmup: int = 1) -> list[
     step()
   times = []
   for _ in range(repeats):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     step()
     times.append(time.perf_counter() - start)
+    if cpu_times is not None:
+      cpu_times.append(time.process_time() - cpu_start)
   return times
 
 

@@ -21,6 +21,7 @@ from benchmarks.measure import workload_flops  # noqa: E402
 from benchmarks.peaks import mfu, peak_flops  # noqa: E402
 from benchmarks.report import markdown  # noqa: E402
 from benchmarks.settings import Settings  # noqa: E402
+from benchmarks.targets import target_rows  # noqa: E402
 from benchmarks.workloads import Models  # noqa: E402
 from ldm_jax.models.unet import UNetModel, unet_preset  # noqa: E402
 
@@ -124,8 +125,19 @@ def test_harness_writes_well_formed_json(tmp_path):
       assert ours[key] > 0, key
     assert ours["warm_cache_hit"] and not ours["cold_cache_hit"]
     assert ours["mfu"] is None and ours["peak_device_bytes"] is None  # CPU
+    assert ours["cpu_over_wall"] > 0
     if HAVE_TORCH:
       assert entry["ours_over_ref"] == pytest.approx(ours["median_s"] / entry["ref"]["median_s"])
       assert entry["ref"]["flops_per_step"] == ours["flops_per_step"]
   assert "ours/ref" in proc.stdout
   assert markdown(report).count("| vae_decode |") == (2 if HAVE_TORCH else 1)
+
+
+def test_targets_are_arithmetic_on_flop_counts():
+  report = dict(settings=dict(config="sd15", image_size=512, steps=50),
+                flops=[dict(workload=n, flops_per_image=f) for n, f in
+                       (("unet_train", 2e12), ("sampler", 80e12), ("sampler_step", 1.5e12))])
+  rows = {r["workload"]: r for r in target_rows(report)}
+  assert rows["unet_train"]["seconds"] == pytest.approx(8 * 2e12 / (0.40 * 989e12))
+  assert rows["sampler"]["seconds"] == pytest.approx(8 * 80e12 / (0.45 * 989e12))
+  assert rows["sampler_step"]["mfu"] == pytest.approx(1.5e12 / 0.015 / 989e12)
