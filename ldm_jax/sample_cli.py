@@ -8,7 +8,6 @@ import os
 import numpy as np
 from PIL import Image
 
-from ldm_jax.diffusion.config import SamplerConfig
 from ldm_jax.diffusion.samplers import SAMPLERS
 from ldm_jax.image_grid import make_grid, save_png
 
@@ -91,7 +90,7 @@ def run(request: SampleRequest) -> list[str]:
     init = _read_image(request.init_image, (height, width), "RGB").astype(np.float32) / 127.5 - 1.0
   if request.mask:
     mask = (_read_image(request.mask, (height, width), "L") > 127).astype(np.float32)
-  sampler = SamplerConfig(sampler=request.sampler, num_steps=request.steps, prediction_type=pipeline.prediction_type)
+  sampler = pipeline.sampler_config(request.sampler, request.steps)  # with the checkpoint's scheduler settings
   os.makedirs(request.output, exist_ok=True)
   settings = {k: v for k, v in dataclasses.asdict(request).items() if k not in ("prompts", "class_labels", "output")}
   records, images = [], []
