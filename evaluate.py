@@ -20,8 +20,8 @@ from absl import app, flags
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Stage-2 run directory / published model (samples) or "
                                   "stage-1 run directory (reconstructions).")
 _IMAGES = flags.DEFINE_string("images_dir", None, "Evaluate this folder of images instead of sampling.")
-_METRICS = flags.DEFINE_list("metrics", ["fid"], "Comma-separated: fid, kid, is, pr (samples / folders); "
-                             "rfid, psnr, ssim (stage-1 runs).")
+_METRICS = flags.DEFINE_list("metrics", ["fid"], "Comma-separated: fid, kid, is, pr, clip_score (samples, "
+                             "folders); rfid, psnr, ssim (stage-1 runs).")
 _RECIPE = flags.DEFINE_string("recipe", None, "Paper settings (ldm_jax/evaluation/recipes.py): celebahq, ffhq, "
                               "lsun_churches, lsun_bedrooms, cin256_v2, txt2img_coco. Explicit flags win.")
 _NUM = flags.DEFINE_integer("num_samples", 1000, "Images to sample.")
@@ -40,9 +40,11 @@ _NUM_REAL = flags.DEFINE_integer("num_real", -1, "Reference images to use (-1: t
 _REF_STATS = flags.DEFINE_string("ref_stats", None, "Reference FID statistics .npz (mu, sigma).")
 _REF_DIR = flags.DEFINE_string("ref_dir", None, "Reference folder of images.")
 _SAVE_STATS = flags.DEFINE_string("save_stats", None, "Write the reference's statistics to this .npz.")
+_SAVE_IMAGES = flags.DEFINE_string("save_images", None, "Also write the samples as PNGs to this folder.")
 _NET = flags.DEFINE_string("feature_net", "inception", "inception | shapes_judge | random_inception (tests only).")
 _INCEPTION = flags.DEFINE_string("inception_weights", "", "Converted FID Inception weights (.npz / .safetensors).")
 _JUDGE = flags.DEFINE_string("judge_weights", "", "Shapes judge weights (--feature_net=shapes_judge).")
+_CLIP = flags.DEFINE_string("clip_weights", "", "transformers CLIP model folder (clip_score).")
 _SIZE = flags.DEFINE_integer("image_size", 0, "Folder images are resized and cropped to this (default: data size).")
 _BATCH = flags.DEFINE_integer("batch_size", 50, "Images per sampler / network call.")
 _KID = flags.DEFINE_integer("kid_subset_size", 1000, "KID subset size (capped at the number of images).")
@@ -51,8 +53,8 @@ _OUTPUT = flags.DEFINE_string("output", "eval_report.json", "The JSON report.")
 
 _FIELDS = {f.name: f for f in (_CHECKPOINT, _IMAGES, _METRICS, _RECIPE, _NUM, _SAMPLER, _STEPS, _ETA, _GUIDANCE,
                                 _SEED, _PROMPTS, _CLASSES, _NUM_CLASSES, _CONFIG, _SPLIT, _NUM_REAL, _REF_STATS,
-                                _REF_DIR, _SAVE_STATS, _NET, _INCEPTION, _JUDGE, _SIZE, _BATCH, _KID, _DTYPE,
-                                _OUTPUT)}
+                                _REF_DIR, _SAVE_STATS, _SAVE_IMAGES, _NET, _INCEPTION, _JUDGE, _CLIP, _SIZE,
+                                _BATCH, _KID, _DTYPE, _OUTPUT)}
 
 
 def main(argv):

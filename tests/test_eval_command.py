@@ -1,9 +1,9 @@
 """Evaluation as a command and during training, end to end on the shapes data.
 
 One tiny text-to-image run (4 steps) with the periodic FID hook on; then
-``evaluate.run`` samples the same images from its checkpoint. Both FIDs are
-checked against a float64 NumPy/SciPy computation written here, on judge
-features of images sampled here. The feature network is the shapes judge
+``evaluate.run`` samples the same images from its checkpoint and saves them.
+Both FIDs are checked against a float64 NumPy/SciPy computation written
+here, on judge features of the saved images. The feature network is the shapes judge
 with random weights (a file the test writes): its numbers are meaningless,
 which does not matter for agreement.
 """
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import linalg
 
 from ldm_jax.config import load_config
@@ -70,7 +71,8 @@ def report(setup):
   config, workdir, judge, _, root = setup
   request = EvalRequest(checkpoint=workdir, metrics=["fid", "kid", "pr"], num_samples=NUM, batch_size=BATCH,
                         steps=STEPS, guidance=GUIDANCE, feature_net="shapes_judge", judge_weights=judge,
-                        kid_subset_size=8, save_stats=str(root / "ref.npz"), output=str(root / "report.json"),
+                        kid_subset_size=8, save_stats=str(root / "ref.npz"), save_images=str(root / "samples"),
+                        output=str(root / "report.json"),
                         command=["evaluate.py", "--test"])
   run(request)
   with open(root / "report.json") as f:
@@ -94,23 +96,20 @@ def test_report_has_what_reproduces_it(setup, report):
 
 
 @pytest.fixture(scope="module")
-def reference_features(setup):
-  """Judge features of the eval split and of samples drawn here, on one device."""
-  config, workdir, _, params, _ = setup
-  from ldm_jax.diffusion.config import SamplerConfig
+def reference_features(setup, report):
+  """Judge features, on one device, of the eval split and of the samples evaluate.py saved."""
+  config, _, _, params, root = setup
   from ldm_jax.evaluation.image_sources import split_batches
-  from ldm_jax.loading import load_pipeline
 
   apply = jax.jit(lambda x: ShapesJudge().apply(params, x.astype(jnp.float32) / 127.5 - 1.0)[2])
   batches = list(split_batches(config.data, "validation", batch_size=BATCH))
   real = np.concatenate([np.asarray(apply(np.round((b["image"] + 1) * 127.5).astype(np.uint8))) for b in batches])
-  captions = [str(c) for b in batches for c in b["caption"]][:NUM]
-  pipeline = load_pipeline(workdir)
-  sampler = SamplerConfig(num_steps=STEPS, prediction_type=pipeline.prediction_type)
-  images = [pipeline.text_to_image(captions[i: i + BATCH], sampler=sampler, guidance_scale=GUIDANCE, seed=0,
-                                   first_index=i) for i in range(0, NUM, BATCH)]
-  gen = np.asarray(apply(np.concatenate(images)))
-  return real, gen
+  saved = [np.asarray(Image.open(root / "samples" / f"{i:05d}.png")) for i in range(NUM)]
+  with open(root / "samples" / "conditions.txt") as f:
+    prompts = f.read().splitlines()
+  captions = [str(c) for b in batches for c in b["caption"]]
+  assert prompts == captions[:NUM]  # samples are conditioned on the split's captions, in order
+  return real, np.asarray(apply(np.stack(saved)))
 
 
 def test_fid_matches_float64_reference(setup, report, reference_features):

@@ -30,8 +30,9 @@ import numpy as np
 from ldm_jax.evaluation import feature_metrics, image_sources, precision_recall, recipes, statistics
 from ldm_jax.evaluation.feature_nets import FEATURE_NETS, FeatureNet, file_sha256, make_feature_net
 
-METRICS = ("fid", "kid", "is", "pr", "rfid", "psnr", "ssim")
-SAMPLE_METRICS = ("fid", "kid", "is", "pr")
+METRICS = ("fid", "kid", "is", "pr", "clip_score", "rfid", "psnr", "ssim")
+SAMPLE_METRICS = ("fid", "kid", "is", "pr", "clip_score")
+FEATURE_METRICS = ("fid", "kid", "is", "pr", "rfid")
 STAGE1_METRICS = ("rfid", "psnr", "ssim")
 NEEDS_REAL_FEATURES = ("kid", "pr")
 
@@ -57,9 +58,11 @@ class EvalRequest:
   ref_stats: str | None = None
   ref_dir: str | None = None
   save_stats: str | None = None
+  save_images: str | None = None
   feature_net: str = "inception"
   inception_weights: str = ""
   judge_weights: str = ""
+  clip_weights: str = ""
   image_size: int = 0
   batch_size: int = 50
   kid_subset_size: int = 1000
@@ -187,7 +190,8 @@ def _reference(request, data_config, extract, image_size):
         request.ref_dir, size=image_size, batch_size=request.batch_size)))
     if request.num_real > 0:
       feats = {k: v[: request.num_real] for k, v in feats.items()}
-    return feats, None, None, {"kind": "folder", "path": os.path.abspath(request.ref_dir), "num_images": len(feats["pool"])}
+    desc = {"kind": "folder", "path": os.path.abspath(request.ref_dir), "num_images": len(feats["pool"])}
+    return feats, None, None, desc
   if data_config is None:
     raise ValueError("no reference: give --ref_stats, --ref_dir, or --config naming a dataset (a run directory "
                      "brings its own data config)")
@@ -213,15 +217,22 @@ def run(request: EvalRequest) -> dict[str, Any]:
     raise ValueError(f"metrics {bad} do not apply to {kind}: {STAGE1_METRICS} are for stage-1 run directories, "
                      f"{SAMPLE_METRICS} for samples and folders")
   data_config = _data_config(request, meta)
-  needs_features = bool(request.save_stats) or any(m in ("fid", "kid", "is", "pr", "rfid") for m in metrics)
+  needs_features = bool(request.save_stats) or any(m in FEATURE_METRICS for m in metrics)
   net: FeatureNet | None = make_feature_net(
       request.feature_net, inception_weights=request.inception_weights,
       judge_weights=request.judge_weights) if needs_features else None
   extract = net.extractor() if net is not None else None
+  scorer = None
+  if "clip_score" in metrics:
+    from ldm_jax.evaluation.clip_model import load_clip_scorer
+
+    scorer = load_clip_scorer(request.clip_weights)
+  gen_extract = _combined(extract, scorer.extractor() if scorer is not None else None)
   report: dict[str, Any] = {
       "command": request.command, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
       "mode": kind, "recipe": request.recipe, "request": dataclasses.asdict(request),
       "feature_net": net.describe() if net is not None else None, "versions": _versions(),
+      "clip": {"path": scorer.path, "weights_sha256": file_sha256(scorer.weights_file)} if scorer else None,
       "devices": [str(d) for d in jax.devices()],
   }
   if request.checkpoint:
@@ -241,16 +252,23 @@ def run(request: EvalRequest) -> dict[str, Any]:
     if request.save_stats and real is not None:
       statistics.save_statistics(request.save_stats, *statistics.mean_and_covariance(real["pool"]))
       report["saved_stats"] = os.path.abspath(request.save_stats)
-    gen = None
+    gen, texts = None, []
     if kind == "samples":
-      gen, report["sampling"] = _sample_features(request, scan, extract)
+      gen, texts, report["sampling"] = _sample_features(request, scan, gen_extract, data_config)
     elif kind == "folder":
-      gen = image_sources.extract_all(extract, (b for b, _ in image_sources.folder_batches(
-          request.images_dir, size=image_size, batch_size=request.batch_size)))
+      def batches():
+        for images, captions in image_sources.folder_batches(
+            request.images_dir, size=image_size, batch_size=request.batch_size):
+          texts.extend(captions)
+          yield images
+      gen = image_sources.extract_all(gen_extract, batches())
       report["images"] = {"path": os.path.abspath(request.images_dir), "image_size": image_size}
     if gen is not None:
-      report["num_generated"] = len(gen["pool"])
-      report["metrics"] = compute_metrics(metrics, gen, real, stats, kid_subset_size=request.kid_subset_size)
+      report["num_generated"] = len(next(iter(gen.values())))
+      report["metrics"] = compute_metrics([m for m in metrics if m != "clip_score"], gen, real, stats,
+                                          kid_subset_size=request.kid_subset_size)
+      if scorer is not None:
+        report["metrics"]["clip_score"] = _clip_score(scorer, gen["image_embeds"], texts)
   os.makedirs(os.path.dirname(os.path.abspath(request.output)), exist_ok=True)
   with open(request.output, "w") as f:
     json.dump(report, f, indent=2, default=str)
@@ -258,8 +276,7 @@ def run(request: EvalRequest) -> dict[str, Any]:
   return report
 
 
-def _sample_features(request: EvalRequest, scan, extract) -> tuple[dict, dict]:
-  from ldm_jax.diffusion.config import SamplerConfig
+def _sample_features(request: EvalRequest, scan, extract, data_config) -> tuple[dict, list[str], dict]:
   from ldm_jax.loading import load_pipeline
 
   pipeline = load_pipeline(request.checkpoint, compute_dtype=request.dtype)
@@ -271,25 +288,53 @@ def _sample_features(request: EvalRequest, scan, extract) -> tuple[dict, dict]:
   if request.prompts_file:
     with open(request.prompts_file) as f:
       prompts = [line.strip() for line in f if line.strip()]
+  wants_split = ((model.cond_key == "tokens" and not prompts)
+                 or (model.cond_key == "label" and request.classes == "split"))
+  if scan is None and wants_split and data_config is not None:
+    # The reference is a statistics file: read the split for its captions / labels only.
+    scan = image_sources.scan_split(image_sources.split_batches(
+        data_config, request.split or data_config.eval_split, batch_size=request.batch_size, num=request.num_samples))
   num_classes = request.num_classes
   if not num_classes and model.cond_key == "label":
     num_classes = model.cond_stage.module.null_class  # the classes before the null class
   conditions = image_sources.conditions_for(
       model.cond_key, request.num_samples, captions=scan.captions if scan else [], labels=scan.labels if scan else [],
       prompts=prompts, num_classes=num_classes, classes=request.classes)
-  sampler = SamplerConfig(sampler=request.sampler, num_steps=request.steps, prediction_type=pipeline.prediction_type)
+  # The checkpoint's scheduler settings (spacing, offset) with the requested sampler and steps.
+  sampler = pipeline.sampler_config(request.sampler, request.steps)
   batches = image_sources.sample_batches(
       pipeline, conditions, num=request.num_samples, batch_size=request.batch_size, sampler=sampler,
       guidance_scale=request.guidance, eta=request.eta, seed=request.seed)
+  if request.save_images:
+    batches = image_sources.saving(batches, request.save_images, conditions)
   gen = image_sources.extract_all(extract, batches)
+  texts = [str(c) for c in conditions] if model.cond_key == "tokens" else []
   source = ("prompts_file" if prompts else "split_captions") if model.cond_key == "tokens" else (
       f"classes_{request.classes}" if model.cond_key == "label" else "unconditional")
   desc = {"sampler": dataclasses.asdict(sampler), "eta": request.eta, "guidance_scale": request.guidance,
           "seed": request.seed, "num_samples": request.num_samples, "batch_size": request.batch_size,
           "conditions": source, "image_size": pipeline.image_size}
+  if request.save_images:
+    desc["saved_images"] = os.path.abspath(request.save_images)
   if prompts:
     desc["prompts_sha256"] = file_sha256(request.prompts_file)
-  return gen, desc
+  return gen, texts, desc
+
+
+def _combined(extract, clip_extract):
+  """One function of an image batch giving both networks' outputs."""
+  if extract is None or clip_extract is None:
+    return extract or clip_extract
+  return lambda images: {**extract(images), **clip_extract(images)}
+
+
+def _clip_score(scorer, image_embeds: np.ndarray, texts: list[str]) -> float:
+  from ldm_jax.evaluation.clip_score import clip_score
+
+  if len(texts) != len(image_embeds) or not all(texts):
+    raise ValueError("clip_score needs a caption for every image: a text-conditional model, or a folder with a "
+                     "same-name .txt caption beside each image")
+  return clip_score(image_embeds, scorer.embed_texts(texts))
 
 
 def _evaluate_reconstructions(request: EvalRequest, data_config, extract, metrics) -> dict:

@@ -104,23 +104,25 @@ def save_judge(path: str, params: Any) -> None:
   weights.save_variables(path, params)
 
 
-def make_feature_net(name: str, *, inception_weights: str = "", judge_weights: str = "", flag_prefix: str = "--") -> FeatureNet:
+def make_feature_net(
+    name: str, *, inception_weights: str = "", judge_weights: str = "", flag_prefix: str = "--"
+) -> FeatureNet:
   """The named feature network; weights come from files (nothing is downloaded).
 
   ``flag_prefix`` names the option in error messages (``--`` for the command,
   ``config.eval.`` for training).
   """
   if name == "inception":
+    convert = "python -m ldm_jax.evaluation.inception --convert pt_inception-2015-12-05-6726825d.pth --out"
     if not inception_weights:
       raise ValueError(
           f"feature net 'inception' needs its weights: pass {flag_prefix}inception_weights=fid_inception.npz. "
-          f"Download {inc.FID_WEIGHTS_URL} and convert it with "
-          "`python -m ldm_jax.evaluation.inception --convert pt_inception-2015-12-05-6726825d.pth --out fid_inception.npz`"
+          f"Download {inc.FID_WEIGHTS_URL} and convert it with `{convert} fid_inception.npz`"
       )
     if not os.path.isfile(inception_weights):
       raise FileNotFoundError(
-          f"{flag_prefix}inception_weights file not found: {inception_weights}. Convert pytorch-fid's weights with "
-          f"`python -m ldm_jax.evaluation.inception --convert pt_inception-2015-12-05-6726825d.pth --out {inception_weights}`"
+          f"{flag_prefix}inception_weights file not found: {inception_weights}. Download {inc.FID_WEIGHTS_URL} "
+          f"and convert it with `{convert} {inception_weights}`"
       )
     model = inc.InceptionV3()
     variables = inc.load_inception_params(inception_weights, model)

@@ -156,6 +156,23 @@ def sample_batches(
     yield images[:n]
 
 
+def saving(batches: Iterable[np.ndarray], directory: str, conditions: list[Any] | None) -> Iterator[np.ndarray]:
+  """Passes uint8 batches through, writing ``directory/00000.png``, ... and
+  ``conditions.txt`` (one condition per line, in image order) on the way."""
+  from ldm_jax.image_grid import save_png
+
+  os.makedirs(directory, exist_ok=True)
+  index = 0
+  for batch in batches:
+    for image in batch:
+      save_png(os.path.join(directory, f"{index:05d}.png"), image)
+      index += 1
+    yield batch
+  if conditions is not None:
+    with open(os.path.join(directory, "conditions.txt"), "w") as f:
+      f.writelines(f"{c}\n" for c in conditions[:index])
+
+
 def extract_all(extract: Callable, batches: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
   """Concatenated features of image batches."""
   pieces = list(iterate_features(extract, batches))
