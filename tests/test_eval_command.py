@@ -25,6 +25,8 @@ from ldm_jax.evaluation import feature_nets
 from ldm_jax.evaluation.evaluate import EvalRequest, run
 from ldm_jax.evaluation.shapes_judge import ShapesJudge
 
+pytestmark = pytest.mark.slow  # a training run, then sampling from its checkpoint
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM, BATCH, STEPS, GUIDANCE = 16, 8, 4, 3.0
 
