@@ -13,6 +13,17 @@ def _env_int(*names: str) -> int | None:
   return None
 
 
+def _on_cloud_tpu_vm() -> bool:
+  """Whether this is a Cloud TPU VM (JAX's own check, no device access)."""
+  if os.environ.get("LDM_JAX_NO_TPU_AUTO_INIT"):
+    return False
+  try:
+    from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm  # private: guarded
+  except ImportError:
+    return False
+  return bool(running_in_cloud_tpu_vm)
+
+
 def maybe_initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -23,9 +34,9 @@ def maybe_initialize(
 
   - explicit arguments (``--coordinator_address/--num_processes/--process_id``)
     win;
-  - SLURM (``SLURM_NTASKS`` > 1) and TPU VM pods (``TPU_WORKER_HOSTNAMES``
-    or Cloud TPU metadata, several workers) are detected and JAX discovers
-    the rest itself;
+  - SLURM (``SLURM_NTASKS`` > 1) and Cloud TPU VMs (GKE's
+    ``TPU_WORKER_HOSTNAMES`` or any TPU VM, where JAX reads the metadata
+    server) are detected and JAX discovers the rest itself;
   - otherwise this is a single-process run and nothing is done.
 
   Returns whether the distributed runtime was initialised. Must run before
@@ -40,8 +51,10 @@ def maybe_initialize(
     )
   elif (_env_int("SLURM_NTASKS") or 1) > 1:
     jax.distributed.initialize()  # JAX's SlurmCluster reads the SLURM_* variables.
-  elif len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
-    jax.distributed.initialize()  # JAX's TPU cluster detection.
+  elif len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1 or _on_cloud_tpu_vm():
+    # JAX's TPU cluster detection (GKE variables or the GCE metadata server)
+    # finds the coordinator, process count and id; a one-host VM joins alone.
+    jax.distributed.initialize()
   else:
     return False
   logging.info("process %d of %d, %d local devices", jax.process_index(), jax.process_count(), jax.local_device_count())

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from ldm_jax.training import checkpoint as ckpt_lib
 from ldm_jax.training import partitioning
-from ldm_jax.training.mesh import replicated
+from ldm_jax.training.mesh import batch_sharding, replicated
 from ldm_jax.training.metrics_writer import MetricWriter
 
 
@@ -95,6 +95,29 @@ def create_sharded_state(init_fn: Callable[[jax.Array], Any], rng: jax.Array, me
   return abstract, shardings
 
 
+def jit_step(step_fn: Callable, mesh: Mesh, state_shardings: Any, batch: dict, frozen: Any = None) -> Callable:
+  """``jit(step)(state, batch, base_rng, frozen)``: the rng is folded with the
+  step, the state donated, and every argument's layout pinned.
+
+  ``in_shardings`` fix the layout the step is compiled for (state by the
+  partition rules, batch split over the data-parallel axes, frozen weights
+  where they already are): an argument placed otherwise fails loudly
+  instead of being resharded every step.
+  """
+
+  def folded_step(state, batch, base_rng, frozen):
+    return step_fn(state, batch, jax.random.fold_in(base_rng, state.step), frozen)
+
+  batch_shardings = jax.tree.map(lambda a: batch_sharding(mesh, np.ndim(a)), batch)
+  frozen_shardings = None if frozen is None else jax.tree.map(lambda a: a.sharding, frozen)
+  return jax.jit(
+      folded_step,
+      in_shardings=(state_shardings, batch_shardings, replicated(mesh), frozen_shardings),
+      out_shardings=(state_shardings, replicated(mesh)),
+      donate_argnums=(0,),
+  )
+
+
 def _nanmean(values) -> float:
   """Mean over steps that had a value (per-bucket losses are NaN when empty)."""
   values = np.asarray(values, np.float64)
@@ -164,10 +187,7 @@ def train_loop(
     frozen = jax.device_put(frozen, partitioning.state_shardings(
         frozen, mesh, fsdp_min_size=cfg.fsdp_min_size, rules=cfg.partition_rules))
 
-  def folded_step(state, batch, base_rng, frozen):
-    return step_fn(state, batch, jax.random.fold_in(base_rng, state.step), frozen)
-
-  jitted = jax.jit(folded_step, out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+  jitted = None
 
   watch = _PreemptionWatch(checkpointer)
   pending: list[tuple[int, dict]] = []
@@ -206,6 +226,7 @@ def train_loop(
     step = start
     while step < cfg.num_steps:
       batch = next(batches)
+      jitted = jitted or jit_step(step_fn, mesh, shardings, batch, frozen)
       state, metrics = jitted(state, batch, step_rng, frozen)
       step += 1
       steps_since += 1

@@ -62,6 +62,15 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
   shape = resolve_shape(config.shape, len(devices))
   axis_type = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}[config.get("axis_type", "auto")]
   dcn = tuple(config.get("dcn_shape", ()) or ())
+  num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if not dcn and num_slices > 1:
+    # Multi-slice TPU: by default only the data axis crosses slices (DCN).
+    if shape[0] % num_slices:
+      raise ValueError(
+          f"mesh.shape {dict(zip(AXES, shape))}: the data axis ({shape[0]}) must be a multiple of the "
+          f"{num_slices} slices, or set mesh.dcn_shape"
+      )
+    dcn = (num_slices, 1, 1)
   if dcn and int(np.prod(dcn)) > 1:
     if len(dcn) != len(AXES) or any(s % d for s, d in zip(shape, dcn)):
       raise ValueError(f"mesh.dcn_shape {dcn} must divide mesh.shape {shape} axis by axis")
