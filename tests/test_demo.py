@@ -1,0 +1,71 @@
+"""The README's first command, end to end at tiny sizes: both stages train,
+the held-out prompts are sampled and judged, the report is written, and a
+rerun resumes instead of retraining. (The figures of a tiny run are
+meaningless; the full-size figures are in the README.)"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm_jax.data import captioned_shapes as shapes
+from ldm_jax.demo import GRID_FILE, RESULTS_FILE, SIZE_NAMES, DemoSettings, judged_prompts, run_demo
+
+SETTINGS = DemoSettings(tiny=True, images_per_prompt=1, seen_images_per_pair=1, num_steps=3, judge_steps=5)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("demo"))
+  return workdir, run_demo(workdir, SETTINGS)
+
+
+def test_prompts_cover_every_withheld_pair_and_only_seen_pairs_as_controls():
+  prompts = judged_prompts(DemoSettings(images_per_prompt=3, seen_images_per_pair=2))
+  heldout_pairs = [pair for _, pair in prompts["heldout"]]
+  assert sorted(set(heldout_pairs)) == sorted(shapes.WITHHELD_PAIRS)
+  assert len(heldout_pairs) == len(shapes.WITHHELD_PAIRS) * len(SIZE_NAMES) * 3
+  seen_pairs = {pair for _, pair in prompts["seen"]}
+  assert len(seen_pairs) == 36 - len(shapes.WITHHELD_PAIRS)
+  assert not seen_pairs & set(shapes.WITHHELD_PAIRS)
+  for prompt, (colour, shape) in prompts["heldout"] + prompts["seen"]:
+    assert prompt.split()[-2:] == [colour, shape]
+
+
+def test_demo_writes_report_grid_and_checkpoints(demo_run):
+  workdir, report = demo_run
+  with open(os.path.join(workdir, RESULTS_FILE)) as f:
+    on_disk = json.load(f)
+  assert on_disk["heldout_prompts"]["num_images"] == 12
+  assert on_disk["seen_prompts"]["num_images"] == 30
+  for part in ("heldout_prompts", "seen_prompts"):
+    for key in ("colour_accuracy", "shape_accuracy", "both_accuracy"):
+      assert 0.0 <= on_disk[part][key] <= 1.0
+    assert np.isfinite(on_disk[part]["frechet_distance"]) and on_disk[part]["frechet_distance"] > 0
+    per_pair = on_disk[part]["per_pair"]
+    # The overall accuracy is the image-weighted mean of the per-pair ones.
+    n = on_disk[part]["num_images"]
+    weights = [len(v["predicted"]) for v in per_pair.values()]
+    assert sum(weights) == n
+    mean = sum(w * v["colour"] for w, v in zip(weights, per_pair.values())) / n
+    assert mean == pytest.approx(on_disk[part]["colour_accuracy"])
+  assert on_disk["bar"]["passed"] == (
+      on_disk["heldout_prompts"]["colour_accuracy"] >= 0.8 and on_disk["heldout_prompts"]["shape_accuracy"] >= 0.8)
+  assert on_disk["autoencoder"]["steps"] == 10 and on_disk["ldm"]["steps"] == 4
+  assert np.isfinite(on_disk["autoencoder"]["val_psnr_db"])
+  grid = np.asarray(Image.open(os.path.join(workdir, GRID_FILE)))
+  assert grid.ndim == 3 and grid.std() > 0  # real samples, not a blank canvas
+  for stage in ("autoencoder", "ldm"):
+    assert os.listdir(os.path.join(workdir, stage, "checkpoints"))
+  assert report["heldout_prompts"] == on_disk["heldout_prompts"]
+
+
+def test_rerun_resumes_without_training_again(demo_run):
+  workdir, first = demo_run
+  second = run_demo(workdir, SETTINGS)
+  assert second["autoencoder"]["steps"] == first["autoencoder"]["steps"]
+  assert second["ldm"]["steps"] == first["ldm"]["steps"]
+  # Same weights, same seeds, deterministic sampler: the same judgement.
+  assert second["heldout_prompts"]["per_pair"] == first["heldout_prompts"]["per_pair"]
