@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from tiny_clip_vocab import write_clip_vocab
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -52,16 +53,7 @@ def randomize_(module, seed: int) -> None:
 
 def write_tokenizer(folder) -> None:
   """A tiny CLIP BPE vocabulary (letters, a few merges), loadable by CLIPTokenizer.from_pretrained."""
-  folder.mkdir(parents=True, exist_ok=True)
-  letters = "abcdefghijklmnopqrstuvwxyz"
-  vocab = {c: i for i, c in enumerate(letters)}
-  vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
-  merges = [("r", "e"), ("re", "d</w>"), ("c", "a"), ("ca", "t</w>")]
-  for a, b in merges:
-    vocab[a + b] = len(vocab)
-  vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-  (folder / "vocab.json").write_text(json.dumps(vocab))
-  (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+  write_clip_vocab(folder)
   (folder / "tokenizer_config.json").write_text(json.dumps(dict(
       model_max_length=MAX_LEN, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
       unk_token="<|endoftext|>", pad_token="<|endoftext|>", tokenizer_class="CLIPTokenizer")))

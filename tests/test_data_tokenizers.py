@@ -1,6 +1,5 @@
 """Tokenizers from local folders: known words map to known ids."""
 
-import json
 import logging
 
 import ml_collections
@@ -10,6 +9,7 @@ import pytest
 from ldm_jax.data import captioned_shapes as cs
 from ldm_jax.data import tokenizers
 from ldm_jax.data.tokenizers import SHAPES_SPECIAL_TOKENS, build_shapes_tokenizer, load_tokenizer, tokenize
+from tiny_clip_vocab import write_clip_vocab
 
 
 def _config(kind, path="", max_length=77):
@@ -20,16 +20,7 @@ def _config(kind, path="", max_length=77):
 def clip_folder(tmp_path_factory):
   """A tiny CLIP BPE vocabulary: single letters, letters + "</w>", a few merges."""
   folder = tmp_path_factory.mktemp("clip_tokenizer")
-  letters = "abcdefghijklmnopqrstuvwxyz"
-  vocab = {c: i for i, c in enumerate(letters)}
-  vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
-  merges = [("r", "e"), ("re", "d</w>"), ("c", "a"), ("ca", "t</w>")]
-  for a, b in merges:
-    vocab[a + b] = len(vocab)
-  vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-  (folder / "vocab.json").write_text(json.dumps(vocab))
-  (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-  return folder, vocab
+  return folder, write_clip_vocab(folder)
 
 
 def test_clip_tokenizer_from_a_local_folder(clip_folder):

@@ -7,8 +7,6 @@ embeddings of the same preprocessed pixels and token ids, compared in
 float64.
 """
 
-import json
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,22 +16,14 @@ transformers = pytest.importorskip("transformers")
 
 from ldm_jax.evaluation.clip_image import preprocess_for_clip  # noqa: E402
 from ldm_jax.evaluation.evaluate import EvalRequest, run  # noqa: E402
+from tiny_clip_vocab import write_clip_vocab  # noqa: E402
 
 CAPTIONS = ["red cat", "cat", "a red car", "tea", "red", "cab act"]
 LENGTH = 16
 
 
 def _write_clip_folder(folder) -> None:
-  letters = "abcdefghijklmnopqrstuvwxyz"
-  vocab = {c: i for i, c in enumerate(letters)}
-  vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
-  merges = [("r", "e"), ("re", "d</w>"), ("c", "a"), ("ca", "t</w>")]
-  for a, b in merges:
-    vocab[a + b] = len(vocab)
-  vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-  folder.mkdir()
-  (folder / "vocab.json").write_text(json.dumps(vocab))
-  (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+  vocab = write_clip_vocab(folder)
   torch.manual_seed(0)
   config = transformers.CLIPConfig(
       text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -33,6 +33,19 @@ def _flat(tree) -> dict[str, Any]:
   }
 
 
+def mismatch_lines(abstract: Any, stored: Any) -> list[str]:
+  """Every array missing from ``stored``, extra in it, or of another shape."""
+  want, have = _flat(abstract), _flat(stored)
+  problems = [f"missing in checkpoint: {k} {tuple(want[k].shape)}" for k in want if k not in have]
+  problems += [f"not in the model: {k} {tuple(have[k].shape)}" for k in have if k not in want]
+  problems += [
+      f"{k}: checkpoint {tuple(have[k].shape)} vs model {tuple(want[k].shape)}"
+      for k in want
+      if k in have and tuple(have[k].shape) != tuple(want[k].shape)
+  ]
+  return problems
+
+
 class Checkpointer:
   """Saves and restores a run's checkpoints under ``directory``."""
 
@@ -73,15 +86,7 @@ class Checkpointer:
     return self._manager.reached_preemption(step)
 
   def _check_shapes(self, step: int, abstract_state: Any) -> None:
-    stored = self._manager.item_metadata(step)["state"]
-    want, have = _flat(abstract_state), _flat(stored)
-    problems = [f"missing in checkpoint: {k}" for k in want if k not in have]
-    problems += [f"not in the model: {k}" for k in have if k not in want]
-    problems += [
-        f"{k}: checkpoint {tuple(have[k].shape)} vs model {tuple(want[k].shape)}"
-        for k in want
-        if k in have and tuple(have[k].shape) != tuple(want[k].shape)
-    ]
+    problems = mismatch_lines(abstract_state, self._manager.item_metadata(step)["state"])
     if problems:
       shown = "\n  ".join(problems[:25]) + (f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else "")
       raise CheckpointMismatchError(

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.first_stage import make_first_stage
 from ldm_jax.models.vq import VQModel
-from ldm_jax.training.checkpoint import Checkpointer, CheckpointMismatchError, _flat
+from ldm_jax.training.checkpoint import Checkpointer, CheckpointMismatchError, mismatch_lines
 
 # Where the autoencoder's params sit in the stage-1 state (Stage1State.params["ae"]).
 AE_PARAMS_PATH = ("params", "ae")
@@ -148,14 +148,7 @@ def _nest(path: tuple[str, ...], leaf: Any) -> dict:
 
 def _check_fits(abstract: Any, stored: Any, step: int, ckpt_dir: str) -> None:
   """One error naming every array that is missing, extra or of another shape."""
-  want, have = _flat(abstract), _flat(stored)
-  problems = [f"missing in checkpoint: {k} {tuple(want[k].shape)}" for k in want if k not in have]
-  problems += [f"not in the model: {k} {tuple(have[k].shape)}" for k in have if k not in want]
-  problems += [
-      f"{k}: checkpoint {tuple(have[k].shape)} vs model {tuple(want[k].shape)}"
-      for k in want
-      if k in have and tuple(have[k].shape) != tuple(want[k].shape)
-  ]
+  problems = mismatch_lines(abstract, stored)
   if problems:
     raise CheckpointMismatchError(
         f"the first stage in checkpoint {step} of {ckpt_dir} does not match the model config "
