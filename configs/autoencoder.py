@@ -149,9 +149,10 @@ def _demo(config: ml_collections.ConfigDict, kind: str) -> None:
   # Measured: luminance is learnt in ~300 steps, the shapes' colours only
   # after ~700 (they cover few pixels); learning rates from 1e-3 to 5e-3,
   # Adam betas and full 64 px images instead of crops did not change that.
+  # 1500 cosine steps: 25.1 dB; 1200 (the decay comes too early): 20.1 dB.
   config.optim.update(dict(learning_rate=2e-3, scale_lr_by_batch=False, schedule="cosine", warmup_steps=20))
   config.train.update(dict(
-      batch_size=16, crop_size=32, num_steps=1200, log_every=50, checkpoint_every=400, eval_every=600,
+      batch_size=16, crop_size=32, num_steps=1500, log_every=50, checkpoint_every=500, eval_every=500,
       num_eval_images=64, eval_batch_size=16,
   ))
 

@@ -51,7 +51,7 @@ class DemoSettings:
   seen_images_per_pair: int = 2  # control prompts: each seen pair once per size
   sampler: str = "ddim"
   num_steps: int = 50
-  guidance_scale: float = 4.0
+  guidance_scale: float = 3.0
   seed: int = 0
   judge_steps: int = 500
   ae_overrides: tuple[tuple[str, object], ...] = ()  # ("train.num_steps", 100), ...
