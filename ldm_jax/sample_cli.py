@@ -55,9 +55,24 @@ class SampleRequest:
       raise ValueError(f"--strength must be in [0, 1], got {self.strength}")
     if (self.strength is not None or self.mask) and not self.init_image:
       raise ValueError("--strength and --mask need --init_image")
+    sizes = {}
     for path, flag in ((self.init_image, "--init_image"), (self.mask, "--mask")):
       if path and not os.path.isfile(path):
         raise ValueError(f"{flag} {path!r} does not exist")
+      if path:
+        sizes[flag] = _image_size(path, flag)
+    if len(sizes) == 2 and sizes["--mask"] != sizes["--init_image"]:
+      (mw, mh), (iw, ih) = sizes["--mask"], sizes["--init_image"]
+      raise ValueError(f"--mask is {mw}x{mh} but --init_image is {iw}x{ih}: they must be the same size")
+
+
+def _image_size(path: str, flag: str) -> tuple[int, int]:
+  """(width, height) of an image file, or a ValueError naming the flag."""
+  try:
+    with Image.open(path) as image:
+      return image.size
+  except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+    raise ValueError(f"{flag} {path!r} is not an image PIL can read ({e})") from None
 
 
 def _read_image(path: str, size: tuple[int, int], mode: str) -> np.ndarray:
