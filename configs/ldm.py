@@ -131,7 +131,7 @@ def _shapes(c, variant: str) -> None:
     c.sample.guidance_scale = 3.0
   elif variant == "shapes_layout":
     c.cond_stage = C(dict(kind="layout", n_embed=128, n_layer=2, heads=4, dim_head=32, vocab_size=300,
-                          max_seq_len=16, num_classes=36, layout_grid_size=16, max_objects=3, encode_crop=False))
+                          max_seq_len=16, num_classes=36, grid_size=16, max_objects=3, encode_crop=False))
     c.unet.update(use_spatial_transformer=True, context_dim=128)
     c.diffusion.cond_dropout = 0.1
   elif variant == "shapes_semantic":
