@@ -199,3 +199,11 @@ def test_layout_encoder_reads_the_layout():
   assert np.max(np.abs(np.asarray(out) - np.asarray(out_moved))) > 1e-3
   with pytest.raises(ValueError, match="exceed max_seq_len 13"):
     LayoutEncoder(n_embed=32, n_layer=1, max_seq_len=13, max_objects=4).tokenize(boxes, labels, counts)
+
+
+def test_dataset_boxes_become_layout_boxes():
+  """The pipeline's (ymin, xmin, ymax, xmax) boxes to the encoder's (x0, y0, w, h)."""
+  from ldm_jax.models.latent_diffusion import corners_to_xywh
+
+  corners = np.array([[[0.5625, 0.6875, 0.75, 0.875], [0.0, 0.0, 0.0, 0.0]]], np.float32)
+  np.testing.assert_allclose(corners_to_xywh(corners), [[[0.6875, 0.5625, 0.1875, 0.1875], [0, 0, 0, 0]]])

@@ -38,6 +38,13 @@ CONCAT_KINDS = ("none", "low_res", "inpaint", "segmentation")
 _COND_KEYS = {"text": "tokens", "clip": "tokens", "class": "label", "layout": "layout_tokens"}
 
 
+def corners_to_xywh(boxes_BxOx4: np.ndarray) -> np.ndarray:
+  """The input pipeline's boxes (ymin, xmin, ymax, xmax), as TFDS stores them,
+  to the layout encoder's (x0, y0, w, h); padding boxes stay zero."""
+  ymin, xmin, ymax, xmax = np.moveaxis(np.asarray(boxes_BxOx4, np.float32), -1, 0)
+  return np.stack([xmin, ymin, xmax - xmin, ymax - ymin], axis=-1)
+
+
 @dataclasses.dataclass(frozen=True)
 class LatentDiffusion:
   """The stage-2 model; hashable, so it can close over jitted functions."""
@@ -110,7 +117,8 @@ class LatentDiffusion:
     """The conditioning inputs of a host batch (before it goes to devices)."""
     out = {}
     if self.cond_key == "layout_tokens":
-      out["layout_tokens"] = self.cond_stage.module.tokenize(batch["boxes"], batch["box_labels"], batch["num_objects"])
+      out["layout_tokens"] = self.cond_stage.module.tokenize(
+          corners_to_xywh(batch["boxes"]), batch["box_labels"], batch["num_objects"])
     elif self.cond_key is not None:
       if self.cond_key not in batch:
         raise KeyError(f"the {self.cond_stage.kind} encoder needs batch field {self.cond_key!r}; got {sorted(batch)}")
