@@ -7,8 +7,6 @@ match within 1e-4 relative error (max abs difference / max abs reference
 output, float32).
 """
 
-import math
-
 import jax
 import numpy as np
 import pytest
@@ -25,6 +23,7 @@ from ldm_jax.interop.diffusers_unet import (  # noqa: E402
 )
 from ldm_jax.models.unet import UNetModel  # noqa: E402
 from ldm_jax.nn.unet_blocks import ResBlock  # noqa: E402
+from sd_reference import randomize_  # noqa: E402
 
 RTOL = 1e-4
 _BASE = dict(
@@ -46,18 +45,6 @@ CONFIGS = {
     ),
     "inpaint_9ch": dict(_SD_V1_LIKE, in_channels=9),
 }
-
-
-def randomize_(module: "torch.nn.Module", seed: int) -> None:
-  """Random non-zero weights: kernels ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.3²), biases ~ N(0, 0.3²)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if p.ndim > 1:
-        p.copy_(noise / math.sqrt(p[0].numel()))
-      else:
-        p.copy_(0.3 * noise + (1.0 if name.endswith("weight") else 0.0))
 
 
 def nchw(a: np.ndarray) -> "torch.Tensor":
