@@ -10,7 +10,7 @@ figures go to RUN/demo_results.json. Rerunning resumes every phase.
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run folder (both stages, samples, results).")
-_GUIDANCE = flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale of the judged samples.")
+_GUIDANCE = flags.DEFINE_float("guidance", 6.0, "Classifier-free guidance scale of the judged samples.")
 _PER_PROMPT = flags.DEFINE_integer("images_per_prompt", 8, "Samples per held-out prompt.")
 _TINY = flags.DEFINE_bool("tiny", False, "Seconds-long stages to check the plumbing (meaningless figures).")
 

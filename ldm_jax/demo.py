@@ -51,7 +51,7 @@ class DemoSettings:
   seen_images_per_pair: int = 2  # control prompts: each seen pair once per size
   sampler: str = "ddim"
   num_steps: int = 50
-  guidance_scale: float = 3.0
+  guidance_scale: float = 6.0  # measured: 3.0 gave 46.9% / 28.1% held-out colour / shape, 6.0 54.2% / 30.2%
   seed: int = 0
   judge_steps: int = 500
   ae_overrides: tuple[tuple[str, object], ...] = ()  # ("train.num_steps", 100), ...
