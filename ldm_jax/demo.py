@@ -37,7 +37,6 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 RESULTS_FILE = "demo_results.json"
 GRID_FILE = "heldout_samples.png"
 SIZE_NAMES = tuple(shapes.SIZES)
-COLOUR_NAMES = tuple(shapes.COLOURS)
 # The issue's bar for prompt following on held-out prompts.
 ACCURACY_BAR = 0.8
 
@@ -128,12 +127,9 @@ def run_demo(workdir: str, settings: DemoSettings = DemoSettings()) -> dict:
   prompts = judged_prompts(settings)
   sampler = SamplerConfig(sampler=settings.sampler, num_steps=settings.num_steps,
                           prediction_type=pipeline.prediction_type)
-  start = time.perf_counter()
   everything = prompts["heldout"] + prompts["seen"]
-  images = pipeline.text_to_image(
-      [p for p, _ in everything], sampler=sampler, guidance_scale=settings.guidance_scale, seed=settings.seed
-  )
-  timings["sampling_s"] = round(time.perf_counter() - start, 1)
+  images = _timed(timings, "sampling_s", pipeline.text_to_image, [p for p, _ in everything], sampler=sampler,
+                  guidance_scale=settings.guidance_scale, seed=settings.seed)
   generated = {"heldout": images[: len(prompts["heldout"])], "seen": images[len(prompts["heldout"]):]}
   grid_path = _save_heldout_grid(workdir, generated["heldout"], settings.images_per_prompt, prompts["heldout"])
 
@@ -146,7 +142,6 @@ def run_demo(workdir: str, settings: DemoSettings = DemoSettings()) -> dict:
     pairs = [pair for _, pair in pairs_prompts]
     real = _rendered(sorted(set(pairs)), max(len(pairs) // len(set(pairs)), 8), image_size, settings.seed + 10)
     results[name] = shapes_judge.judge_generated(judge, generated[name], pairs, real)
-    results[name]["per_pair"] = _per_pair_accuracy(judge, generated[name], pairs)
 
   report = {
       "settings": dataclasses.asdict(settings),
@@ -183,20 +178,6 @@ def run_demo(workdir: str, settings: DemoSettings = DemoSettings()) -> dict:
 def _rendered(pairs, per_pair: int, image_size: int, seed: int) -> np.ndarray:
   images, _, _ = shapes_judge.render_single_objects(pairs, per_pair, image_size, seed)
   return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def _per_pair_accuracy(judge, images: np.ndarray, pairs) -> dict[str, dict[str, float]]:
-  """Colour / shape accuracy for each requested pair (where the model fails)."""
-  colour_pred, shape_pred, _ = judge.predict(images.astype(np.float32) / 127.5 - 1.0)
-  out = {}
-  for pair in sorted(set(pairs)):
-    idx = [i for i, p in enumerate(pairs) if p == pair]
-    out[" ".join(pair)] = {
-        "colour": float(np.mean(colour_pred[idx] == COLOUR_NAMES.index(pair[0]))),
-        "shape": float(np.mean(shape_pred[idx] == shapes.SHAPES.index(pair[1]))),
-        "predicted": [f"{COLOUR_NAMES[c]} {shapes.SHAPES[s]}" for c, s in zip(colour_pred[idx], shape_pred[idx])],
-    }
-  return out
 
 
 def _save_heldout_grid(workdir: str, images: np.ndarray, per_prompt: int, prompts) -> str:

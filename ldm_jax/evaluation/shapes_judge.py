@@ -123,10 +123,19 @@ def judge_generated(judge: TrainedJudge, generated_uint8: np.ndarray, pairs, rea
   want_colour = np.asarray([list(shapes.COLOURS).index(c) for c, _ in pairs])
   want_shape = np.asarray([shapes.SHAPES.index(s) for _, s in pairs])
   fd = frechet_distance(*mean_and_covariance(gen_features), *mean_and_covariance(real_features))
+  per_pair, colours = {}, list(shapes.COLOURS)
+  for pair in sorted(set(pairs)):
+    idx = [i for i, p in enumerate(pairs) if p == pair]
+    per_pair[" ".join(pair)] = {  # where the generator fails, and what it drew instead
+        "colour": float(np.mean(colour_pred[idx] == want_colour[idx])),
+        "shape": float(np.mean(shape_pred[idx] == want_shape[idx])),
+        "predicted": [f"{colours[c]} {shapes.SHAPES[s]}" for c, s in zip(colour_pred[idx], shape_pred[idx])],
+    }
   return {
       "colour_accuracy": float(np.mean(colour_pred == want_colour)),
       "shape_accuracy": float(np.mean(shape_pred == want_shape)),
       "both_accuracy": float(np.mean((colour_pred == want_colour) & (shape_pred == want_shape))),
       "frechet_distance": float(fd),
       "num_images": int(len(gen)),
+      "per_pair": per_pair,
   }
