@@ -121,12 +121,17 @@ def _indices(keys, pattern: str) -> list[int]:
   return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
 
 
+def _component(sd: Mapping[str, Any], prefix: str, marker: str, what: str):
+  """(shape of a key under ``prefix``, the keys under it without ``prefix``); fails without ``marker``."""
+  keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
+  if marker not in keys:
+    raise ValueError(f"no {what} in this checkpoint (no {prefix}{marker})")
+  return (lambda k: tuple(np.shape(sd[prefix + k]))), keys
+
+
 def unet_fields_from_state_dict(sd: Mapping[str, Any], prefix: str = UNET_PREFIX) -> dict[str, Any]:
   """UNetModel fields of an original SD UNet, read from its shapes (heads by SD's convention)."""
-  shape = lambda k: tuple(np.shape(sd[prefix + k]))  # noqa: E731
-  keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
-  if "input_blocks.0.0.weight" not in keys:
-    raise ValueError(f"no UNet in this checkpoint (no {prefix}input_blocks.0.0.weight)")
+  shape, keys = _component(sd, prefix, "input_blocks.0.0.weight", "UNet")
   mc, in_ch = shape("input_blocks.0.0.weight")[:2]
   levels, nrb, attends = [[]], [], []
   for i in _indices(keys, r"input_blocks\.(\d+)\.")[1:]:
@@ -162,10 +167,7 @@ def unet_fields_from_state_dict(sd: Mapping[str, Any], prefix: str = UNET_PREFIX
 
 def vae_section_from_state_dict(sd: Mapping[str, Any], prefix: str = VAE_PREFIX) -> dict[str, Any]:
   """KL ``first_stage`` section of an original VAE, read from its shapes (GroupNorm(32), 256 px)."""
-  shape = lambda k: tuple(np.shape(sd[prefix + k]))  # noqa: E731
-  keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
-  if "encoder.conv_in.weight" not in keys:
-    raise ValueError(f"no autoencoder in this checkpoint (no {prefix}encoder.conv_in.weight)")
+  shape, keys = _component(sd, prefix, "encoder.conv_in.weight", "autoencoder")
   ch, in_ch = shape("encoder.conv_in.weight")[:2]
   levels = _indices(keys, r"encoder\.down\.(\d+)\.")
   mult = tuple(shape(f"encoder.down.{i}.block.0.conv2.weight")[0] // ch for i in levels)
