@@ -209,3 +209,21 @@ def test_data_source_reads_by_name_and_rejects_bad_sizes(built):
   np.testing.assert_array_equal(source[5]["image"], splits["validation"][5]["image"])
   with pytest.raises(ValueError, match="built at image sizes .* not 48"):
     make_config(48)
+
+
+def test_single_object_variant_has_its_own_folder_and_one_object_per_scene(built, tmp_path):
+  from ldm_jax.data.captioned_shapes.captioned_shapes_dataset_builder import make_config
+
+  builder, splits = built
+  assert {ex["num_objects"] for ex in splits["train"]} == {1, 2, 3}  # the default mixes 1-3
+  single = cs.build_captioned_shapes(builder.data_dir_root, SIZE, *COUNTS, seed=3, max_objects=1)
+  assert single.data_path != builder.data_path and "max1objects" in str(single.data_path)
+  for split in ("train", "test"):
+    examples = _read_split(single, split)
+    assert all(ex["num_objects"] == 1 and (ex["objects"]["label"][1:] == -1).all() for ex in examples)
+    for ex in examples:
+      colour, shape = cs.class_pair(ex["label"])
+      assert ex["caption"].decode() in (cs.single_object_prompt(colour, shape, size) for size in cs.SIZES)
+  for bad in (0, cs.MAX_OBJECTS + 1):
+    with pytest.raises(ValueError, match=f"max_objects must be between 1 and {cs.MAX_OBJECTS}, got {bad}"):
+      make_config(SIZE, max_objects=bad)

@@ -60,6 +60,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.shapes.num_validation = -1
   config.shapes.num_test = -1
   config.shapes.seed = 0
+  # Scenes hold 1 to `max_objects` objects (at most 3); 1 gives single-object
+  # scenes only (their own dataset folder).
+  config.shapes.max_objects = 3
   return config
 
 

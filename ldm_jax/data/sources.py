@@ -26,6 +26,7 @@ def open_source(data_config: ml_collections.ConfigDict, split: str):
         data_config.image_size,
         (shapes.num_train, shapes.num_validation, shapes.num_test),
         shapes.seed,
+        shapes.max_objects,
     )
   if kind == "tfds":
     fields = {"image": data_config.image_key}

@@ -124,11 +124,12 @@ def open_tfds(name: str, split: str, data_dir: str | None, fields: Mapping[str, 
 
 
 def open_shapes(
-    split: str, data_dir: str | None, image_size: int, split_sizes: tuple[int, int, int], seed: int
+    split: str, data_dir: str | None, image_size: int, split_sizes: tuple[int, int, int], seed: int,
+    max_objects: int = 3,
 ) -> TfdsSource:
   """The captioned-shapes split, built into ``data_dir`` on first use."""
   counts = [None if n < 0 else n for n in split_sizes]
-  builder = build_captioned_shapes(data_dir or None, image_size, *counts, seed=seed)
+  builder = build_captioned_shapes(data_dir or None, image_size, *counts, seed=seed, max_objects=max_objects)
   _check_split(builder, "captioned_shapes", split)
   records = builder.as_data_source(split=split)
   return TfdsSource(records, SHAPES_FIELDS, description=f"captioned_shapes, split {split!r}")

@@ -36,6 +36,7 @@ class CaptionedShapesConfig(tfds.core.BuilderConfig):
   num_validation: int = 1_000
   num_test: int = 1_000
   seed: int = 0
+  max_objects: int = scene_lib.MAX_OBJECTS
 
   @property
   def split_sizes(self) -> dict[str, int]:
@@ -48,6 +49,7 @@ def make_config(
     num_validation: int | None = None,
     num_test: int | None = None,
     seed: int = 0,
+    max_objects: int = scene_lib.MAX_OBJECTS,
 ) -> CaptionedShapesConfig:
   """Builder config; non-default sizes or seeds get their own config name.
 
@@ -63,17 +65,22 @@ def make_config(
   sizes = tuple(d if n is None else int(n) for n, d in zip((num_train, num_validation, num_test), defaults))
   if min(sizes) < 1:
     raise ValueError(f"Every split needs at least one example, got train/validation/test = {sizes}.")
+  scene_lib.check_max_objects(max_objects)
   name = f"{image_size}px"
   if sizes != defaults or seed != 0:
     name += f"_train{sizes[0]}_val{sizes[1]}_test{sizes[2]}_seed{seed}"
+  if max_objects != scene_lib.MAX_OBJECTS:
+    name += f"_max{max_objects}objects"
   return CaptionedShapesConfig(
       name=name,
-      description=f"{image_size}x{image_size} images; train/validation/test = {sizes}; seed {seed}.",
+      description=(f"{image_size}x{image_size} images; train/validation/test = {sizes}; seed {seed}; "
+                   f"1-{max_objects} objects per scene."),
       image_size=image_size,
       num_train=sizes[0],
       num_validation=sizes[1],
       num_test=sizes[2],
       seed=seed,
+      max_objects=max_objects,
   )
 
 
@@ -127,13 +134,15 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str, count: int):
     for index in range(count):
-      yield index, make_example(split, index, self.builder_config.image_size, self.builder_config.seed)
+      yield index, make_example(split, index, self.builder_config.image_size, self.builder_config.seed,
+                                self.builder_config.max_objects)
 
 
-def make_example(split: str, index: int, image_size: int, seed: int) -> dict:
+def make_example(split: str, index: int, image_size: int, seed: int,
+                 max_objects: int = scene_lib.MAX_OBJECTS) -> dict:
   """Example ``index`` of ``split``: a pure function of its arguments."""
   rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
-  objects, background = scene_lib.sample_scene(rng, split)
+  objects, background = scene_lib.sample_scene(rng, split, max_objects)
   rendered = render_scene(objects, image_size, background, rng)
   boxes = np.zeros((scene_lib.MAX_OBJECTS, 4), np.float32)
   labels = np.full((scene_lib.MAX_OBJECTS,), -1, np.int32)
@@ -156,13 +165,14 @@ def build_captioned_shapes(
     num_validation: int | None = None,
     num_test: int | None = None,
     seed: int = 0,
+    max_objects: int = scene_lib.MAX_OBJECTS,
 ) -> CaptionedShapes:
   """Returns the builder, generating the dataset first if it is missing.
 
   Idempotent: a second call finds the data and does nothing. ``data_dir``
   defaults to TFDS's (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
   """
-  config = make_config(image_size, num_train, num_validation, num_test, seed)
+  config = make_config(image_size, num_train, num_validation, num_test, seed, max_objects)
   # A registered config must be named; only custom ones are passed whole.
   registered = config.name in CaptionedShapes.builder_configs
   builder = CaptionedShapes(

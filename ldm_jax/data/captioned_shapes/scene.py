@@ -76,6 +76,12 @@ def caption(objects: list[SceneObject] | tuple[SceneObject, ...]) -> str:
   return text
 
 
+def check_max_objects(max_objects: int) -> int:
+  if not 1 <= max_objects <= MAX_OBJECTS:
+    raise ValueError(f"max_objects must be between 1 and {MAX_OBJECTS}, got {max_objects}.")
+  return max_objects
+
+
 def _overlap_fraction(a: SceneObject, b: SceneObject) -> float:
   overlap = 1.0
   for axis in (0, 1):
@@ -96,12 +102,15 @@ def _allowed_pairs(split: str, main_object: bool) -> tuple[tuple[str, str], ...]
   return _SEEN_PAIRS
 
 
-def sample_scene(rng: np.random.Generator, split: str) -> tuple[list[SceneObject], Background]:
-  """Draws 1-3 objects (distinct colour-shape pairs) and a background."""
+def sample_scene(
+    rng: np.random.Generator, split: str, max_objects: int = MAX_OBJECTS
+) -> tuple[list[SceneObject], Background]:
+  """Draws 1 to ``max_objects`` objects (distinct colour-shape pairs) and a background."""
   if split not in SPLITS:
     raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+  check_max_objects(max_objects)
   objects: list[SceneObject] = []
-  for i in range(int(rng.integers(1, MAX_OBJECTS + 1))):
+  for i in range(int(rng.integers(1, max_objects + 1))):
     used = {(o.colour, o.shape) for o in objects}
     pairs = [p for p in _allowed_pairs(split, main_object=i == 0) if p not in used]
     colour, shape = pairs[rng.integers(len(pairs))]
