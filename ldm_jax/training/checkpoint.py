@@ -46,11 +46,33 @@ def mismatch_lines(abstract: Any, stored: Any) -> list[str]:
   return problems
 
 
+def _whole_replicas_on_cpu() -> None:
+  """Saves each replicated CPU array from one replica, unsliced.
+
+  Orbax's replica-parallel saving splits a replicated array between its
+  replicas, which on CPU costs one compiled slice per (shape, device) for no
+  gain: host memory is what it copies to anyway (about 250 compiles, 20 s, for
+  the first save of a small model on 8 devices). Orbax already does this on GPU.
+  """
+  if jax.default_backend() != "cpu":
+    return
+  current = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(current, "_use_replica_parallel", False):
+    ocp.type_handlers.register_type_handler(
+        jax.Array,
+        ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=False, array_metadata_store=getattr(current, "_array_metadata_store", None)
+        ),
+        override=True,
+    )
+
+
 class Checkpointer:
   """Saves and restores a run's checkpoints under ``directory``."""
 
   def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    _whole_replicas_on_cpu()
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
