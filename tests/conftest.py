@@ -1,13 +1,20 @@
-"""Test-wide setup: 8 fake CPU devices for sharding tests, a shared
-persistent compilation cache, quiet logs."""
+"""Test-wide setup: 8 fake CPU devices for sharding tests, quick compiles
+(shared through a persistent compilation cache), quiet logs."""
 
 import logging
 import os
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The suite's programs are tiny and run a few steps, so compiling dominates:
+# LLVM at -O0 compiles the train step about 35% faster, and it runs the same
+# arithmetic (measured: tiny txt2img train step 35 s -> 23 s).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 # Must happen before any computation touches the backend.
 jax.config.update("jax_num_cpu_devices", 8)
@@ -24,3 +31,41 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+# One tiny text-to-image run (4 steps, the periodic FID hook on with a random
+# shapes-judge file) serves sample.py's and evaluate.py's tests. Those files
+# usually run on different xdist workers, so the first to ask trains it under a
+# file lock in the directory all workers share; the other reuses it.
+TINY_TXT2IMG_EVAL = dict(every=2, num_samples=16, batch_size=8, num_steps=4, feature_net="shapes_judge")
+
+
+@pytest.fixture(scope="session")
+def tiny_txt2img_run(tmp_path_factory) -> dict:
+  """``{"workdir", "config", "judge", "judge_params"}`` of the shared tiny run (read it, never write into it)."""
+  from filelock import FileLock
+
+  from ldm_jax.config import load_config
+  from ldm_jax.evaluation import feature_nets
+  from ldm_jax.evaluation.shapes_judge import ShapesJudge
+
+  shared = tmp_path_factory.getbasetemp().parent  # the same for every worker of this session
+  root = shared / "tiny_txt2img"
+  config = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "configs/ldm.py:shapes_txt2img,tiny"))
+  config.data.data_dir = str(root / "data")
+  config.data.shapes.update(num_train=16, num_validation=32, num_test=8)
+  judge = str(root / "judge.npz")
+  config.eval.update(judge_weights=judge, **TINY_TXT2IMG_EVAL)
+  # Deterministic, so every worker holds the weights the file has.
+  params = jax.jit(ShapesJudge().init)(jax.random.key(3), np.zeros((1, 32, 32, 3)))
+  run = {"workdir": str(root / "run"), "config": config, "judge": judge, "judge_params": params}
+  with FileLock(str(shared / "tiny_txt2img.lock")):
+    if not (root / "done").exists():
+      from ldm_jax.training.train_ldm import train
+
+      root.mkdir(exist_ok=True)
+      feature_nets.save_judge(judge, params)
+      train(config, run["workdir"])
+      (root / "done").touch()
+  return run

@@ -1,7 +1,8 @@
 """Evaluation as a command and during training, end to end on the shapes data.
 
-One tiny text-to-image run (4 steps) with the periodic FID hook on; then
-``evaluate.run`` samples the same images from its checkpoint and saves them.
+The suite's shared tiny text-to-image run (4 steps, periodic FID hook on;
+``tiny_txt2img_run`` in conftest); then ``evaluate.run`` samples the same
+images from its checkpoint and saves them.
 Both FIDs are checked against a float64 NumPy/SciPy computation written
 here, on judge features of the saved images. The feature network is the shapes judge
 with random weights (a file the test writes): its numbers are meaningless,
@@ -20,7 +21,6 @@ import pytest
 from PIL import Image
 from scipy import linalg
 
-from ldm_jax.config import load_config
 from ldm_jax.evaluation import feature_nets
 from ldm_jax.evaluation.evaluate import EvalRequest, run
 from ldm_jax.evaluation.shapes_judge import ShapesJudge
@@ -41,21 +41,9 @@ def fid64(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  root = tmp_path_factory.mktemp("eval")
-  params = jax.jit(ShapesJudge().init)(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
-  judge = str(root / "judge.npz")
-  feature_nets.save_judge(judge, params)
-  config = load_config(f"{ROOT}/configs/ldm.py:shapes_txt2img,tiny")
-  config.data.data_dir = str(root / "data")
-  config.data.shapes.update(num_train=16, num_validation=32, num_test=8)
-  config.eval.update(every=2, num_samples=NUM, batch_size=BATCH, num_steps=STEPS, feature_net="shapes_judge",
-                     judge_weights=judge)
-  from ldm_jax.training.train_ldm import train
-
-  workdir = str(root / "run")
-  train(config, workdir)
-  return config, workdir, judge, params, root
+def setup(tiny_txt2img_run, tmp_path_factory):
+  run = tiny_txt2img_run
+  return run["config"], run["workdir"], run["judge"], run["judge_params"], tmp_path_factory.mktemp("eval")
 
 
 def test_hook_logs_fid_next_to_the_loss(setup):

@@ -31,7 +31,9 @@ def _free_port() -> int:
 
 def _run_pair(workdir: str, num_steps: int) -> None:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  # -O0 as in conftest: these processes compile far more than they compute.
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   port = str(_free_port())
   procs = [
       subprocess.Popen([sys.executable, WORKER, str(i), port, workdir, str(num_steps), CACHE], env=env,

@@ -1,8 +1,8 @@
-"""sample.py end to end, in-process, on a tiny text-to-image run (2 steps).
+"""sample.py end to end, in-process, on the suite's shared tiny text-to-image
+run (``tiny_txt2img_run`` in conftest).
 
 ``SampleRequest.validate`` + ``run`` are what ``sample.py``'s ``main`` calls;
 calling them here shares compiled programs with the rest of the module.
-One tiny ``shapes_txt2img`` run directory serves every test.
 """
 
 import json
@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_jax.config import load_config
 from ldm_jax.loading import load_pipeline
 from ldm_jax.pipeline import to_uint8
 from ldm_jax.sample_cli import SampleRequest, run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32  # the tiny config's image size; latents are SIZE / 4
 PROMPTS = ["a large red circle", "a small blue square"]
 STEPS = 2
@@ -32,18 +30,8 @@ def _sample(**kw) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  from ldm_jax.training.train_ldm import train
-
-  root = tmp_path_factory.mktemp("sample_cli")
-  config = load_config(f"{ROOT}/configs/ldm.py:shapes_txt2img,tiny")
-  config.data.data_dir = str(root / "data")
-  config.data.shapes.update(num_train=16, num_validation=8, num_test=8)
-  config.train.update(num_steps=2, checkpoint_every=2)
-  workdir = str(root / "run")
-  result = train(config, workdir)
-  assert result.step == 2
-  return workdir
+def run_dir(tiny_txt2img_run):
+  return tiny_txt2img_run["workdir"]
 
 
 @pytest.fixture(scope="module")
