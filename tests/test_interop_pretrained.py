@@ -235,3 +235,23 @@ def test_wrong_shapes_and_strays_are_reported_together(v1, tmp_path):
   for name in ("model.diffusion_model.out.2.bias", "first_stage_model.encoder.conv_in.weight", "final_layer_norm/bias",
                "model.diffusion_model.extra.weight", "something_else"):
     assert name in msg, msg
+
+
+@pytest.mark.parametrize("half", ["bfloat16", "float16"])
+def test_half_precision_single_file_loads_as_float32(v1, tmp_path, half):
+  """Published checkpoints are often stored in bf16/fp16: they load widened to float32 (exactly the stored values)."""
+  import ml_dtypes
+
+  ref, folder, ours = v1
+  state = to_single_file(ref, folder, tmp_path / "full.safetensors", with_ema=False)
+  dtype = ml_dtypes.bfloat16 if half == "bfloat16" else np.float16
+  save_file({k: v.astype(dtype) if v.dtype == np.float32 else v for k, v in state.items()},
+            str(tmp_path / "half.safetensors"))
+  (tmp_path / "tokenizer").symlink_to(folder / "tokenizer")
+  loaded = load_pretrained_pipeline(str(tmp_path / "half.safetensors"))
+  for got, want in ((loaded.params, ours.params), (loaded.frozen, ours.frozen)):
+    fg, fw = _flat(got), _flat(want)
+    assert fg.keys() == fw.keys()
+    for k in fw:
+      assert fg[k].dtype == np.float32, ("/".join(k), fg[k].dtype)
+      np.testing.assert_array_equal(fg[k], np.asarray(fw[k]).astype(dtype).astype(np.float32), err_msg="/".join(k))
