@@ -2,7 +2,8 @@
 
 Accepted: a stage-2 run directory written by ``train.py`` (its latest
 checkpoint; EMA weights by default). Published formats (diffusers folders,
-original Stable Diffusion / LDM files) are dispatched to ``ldm_jax.interop``.
+original Stable Diffusion / LDM files) and their conversions to our orbax
+format are dispatched to ``ldm_jax.interop``.
 """
 
 import os
@@ -27,6 +28,10 @@ def load_pipeline(path: str, *, use_ema: bool = True, mesh=None, compute_dtype: 
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
   if is_run_dir(path):
     return _load_run_dir(path, use_ema=use_ema, mesh=mesh, compute_dtype=compute_dtype)
+  from ldm_jax.interop import orbax_format
+
+  if orbax_format.is_orbax_pipeline(path):
+    return orbax_format.load(path, mesh=mesh, compute_dtype=compute_dtype)
   from ldm_jax.interop.pretrained import load_pretrained_pipeline  # published formats
 
   return load_pretrained_pipeline(path, mesh=mesh, compute_dtype=compute_dtype, use_ema=use_ema)

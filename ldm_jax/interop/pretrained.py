@@ -60,6 +60,13 @@ def load_pretrained_pipeline(
     tokenizer: tokenizer folder for an original file (default: ``tokenizer/`` beside it).
     prediction_type: ``eps`` / ``v`` / ``x0``, overriding the config (SD 2.x 768-v: ``"v"``).
   """
+  parts = read_parts(path, use_ema=use_ema, config=config, tokenizer=tokenizer, prediction_type=prediction_type)
+  return assemble_pipeline(parts, mesh=mesh, compute_dtype=compute_dtype or "float32")
+
+
+def read_parts(path: str, *, use_ema: bool = True, config=None, tokenizer: str | None = None,
+               prediction_type: str | None = None) -> dict[str, Any]:
+  """What a published checkpoint holds: model description, schedule, tokenizer folder, PyTorch state dict."""
   if os.path.isdir(path):
     parts = _diffusers_parts(path)
   elif os.path.isfile(path):
@@ -68,7 +75,7 @@ def load_pretrained_pipeline(
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
   if prediction_type is not None:
     parts["prediction_type"] = prediction_type
-  return _assemble(parts, mesh=mesh, compute_dtype=compute_dtype or "float32")
+  return parts
 
 
 # ----------------------------------------------------------------------------- diffusers folders
@@ -208,11 +215,15 @@ def select_ema(state: Mapping[str, Any], use_ema: bool) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- building
 
-def _assemble(parts: dict[str, Any], *, mesh, compute_dtype: str):
-  from ldm_jax.diffusion.schedules import DiffusionSchedule, make_schedule
+def assemble_pipeline(parts: dict[str, Any], *, mesh, compute_dtype: str):
+  model, tok, max_length = build_from_parts(parts, compute_dtype)
+  params, frozen = _convert_weights(model, parts, max_length)
+  return pipeline_from_parts(parts, model, tok, max_length, params, frozen, mesh)
+
+
+def build_from_parts(parts: dict[str, Any], compute_dtype: str):
+  """(model, tokenizer, max_length) that ``parts`` describe (no weights)."""
   from ldm_jax.models.build import build_latent_diffusion
-  from ldm_jax.models.cond_stage import load_cond_stage_variables
-  from ldm_jax.pipeline import LDMPipeline
 
   tok = _load_tokenizer(parts["tokenizer"], parts["cond_stage"]["kind"])
   cond = dict(parts["cond_stage"])
@@ -228,10 +239,15 @@ def _assemble(parts: dict[str, Any], *, mesh, compute_dtype: str):
       ldm=parts["ldm"], scale_factor=parts["scale_factor"], compute_dtype=compute_dtype,
   )
   model.check_consistency(parts["image_size"])
-  state, what = parts["state"], parts["what"]
-  templates = _templates(model, max_length)
+  return model, tok, max_length
 
-  # Convert every component, then report all their problems together.
+
+def _convert_weights(model, parts: dict[str, Any], max_length: int):
+  """(params, frozen) from the parts' PyTorch state dict; every problem of every component in one error."""
+  from ldm_jax.models.cond_stage import load_cond_stage_variables
+
+  state, what = parts["state"], parts["what"]
+  templates = weight_templates(model, max_length)
   errors, out = [], {}
   jobs = {
       "unet": lambda: naming.torch_to_flax(state, templates["unet"], strip_prefix=ldm_config.UNET_PREFIX, what=what),
@@ -255,10 +271,21 @@ def _assemble(parts: dict[str, Any], *, mesh, compute_dtype: str):
     raise naming.StateDictMismatchError(
         [m for e in errors for m in e.missing], stray + [u for e in errors for u in e.unexpected],
         [m for e in errors for m in e.mismatched], what=what)
+  return split_params_frozen(model, out)
 
-  params, frozen = {"unet": out["unet"]}, {"first_stage": out["first_stage"]}
-  if "cond" in out:
-    (params if model.cond_stage.trainable else frozen)["cond"] = out["cond"]
+
+def split_params_frozen(model, components: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``{"unet", "first_stage", "cond"}`` variables as the pipeline's (params, frozen)."""
+  params, frozen = {"unet": components["unet"]}, {"first_stage": components["first_stage"]}
+  if "cond" in components:
+    (params if model.cond_stage.trainable else frozen)["cond"] = components["cond"]
+  return params, frozen
+
+
+def pipeline_from_parts(parts: dict[str, Any], model, tok, max_length: int, params, frozen, mesh):
+  from ldm_jax.diffusion.schedules import DiffusionSchedule, make_schedule
+  from ldm_jax.pipeline import LDMPipeline
+
   sched = parts["schedule"]
   schedule = DiffusionSchedule.from_betas(sched["betas"]) if "betas" in sched else make_schedule(**sched)
   return LDMPipeline(
@@ -267,7 +294,7 @@ def _assemble(parts: dict[str, Any], *, mesh, compute_dtype: str):
   )
 
 
-def _templates(model, max_length: int) -> dict[str, Any]:
+def weight_templates(model, max_length: int) -> dict[str, Any]:
   """Abstract variables (shapes only) of every component."""
   key = jax.random.key(0)
   f, c = model.downsample_factor, model.latent_channels
