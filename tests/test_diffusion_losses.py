@@ -177,7 +177,9 @@ def test_guided_output_equals_hand_combination():
   out_c, out_u = _nonlinear_denoiser(params, x, t, cond), _nonlinear_denoiser(params, x, t, uncond)
   for scale in (1.0, 7.5):
     got = guided_output(_nonlinear_denoiser, params, x, t, cond, uncond, jnp.float32(scale))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(out_u + scale * (out_c - out_u)), rtol=1e-6, atol=1e-6)
+    # float32: the batched and the separate denoiser calls may round differently (fusion), and the scale
+    # multiplies that: (1 + 7.5) * 6e-8 relative error on outputs up to ~5 gives up to ~3e-6.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(out_u + scale * (out_c - out_u)), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(guided_output(_nonlinear_denoiser, params, x, t, cond)), np.asarray(out_c))
   np.testing.assert_allclose(np.asarray(cfg_combine(out_u, out_c, 3.0)), np.asarray(3.0 * out_c - 2.0 * out_u),
                              rtol=1e-5, atol=1e-6)
