@@ -72,13 +72,14 @@ def demo_configs(workdir: str, settings: DemoSettings) -> tuple[ml_collections.C
   """(stage-1 config, stage-2 config) of the demo run in ``workdir``."""
   suffix = ",tiny" if settings.tiny else ""
   ae = load_config(os.path.join(CONFIG_DIR, f"autoencoder.py:demo{suffix}"))
+  _override(ae, settings.ae_overrides)  # first: stage 2 follows the first stage's shapes
   ldm = load_config(os.path.join(CONFIG_DIR, f"ldm.py:shapes_txt2img{suffix}"))
   # Stage 2 trains on the demo's own first stage, at its resolution.
   ldm.first_stage.update(checkpoint=os.path.join(workdir, "autoencoder"), random_init=False, scale_factor=-1.0)
   ldm.data.update(image_size=ae.data.image_size)
   ldm.data.shapes.update(ae.data.shapes.to_dict())
   ldm.unet.image_size = ae.data.image_size // 2 ** (len(ae.model.ddconfig.ch_mult) - 1)
-  _override(ae, settings.ae_overrides)
+  ldm.unet.update(in_channels=ae.model.embed_dim, out_channels=ae.model.embed_dim)
   _override(ldm, settings.ldm_overrides)
   return ae, ldm
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ldm_jax.data import captioned_shapes as shapes
-from ldm_jax.demo import GRID_FILE, RESULTS_FILE, SIZE_NAMES, DemoSettings, judged_prompts, run_demo
+from ldm_jax.demo import GRID_FILE, RESULTS_FILE, SIZE_NAMES, DemoSettings, demo_configs, judged_prompts, run_demo
 
 SETTINGS = DemoSettings(tiny=True, images_per_prompt=1, seen_images_per_pair=1, num_steps=3, judge_steps=5)
 
@@ -32,6 +32,17 @@ def test_prompts_cover_every_withheld_pair_and_only_seen_pairs_as_controls():
   assert not seen_pairs & set(shapes.WITHHELD_PAIRS)
   for prompt, (colour, shape) in prompts["heldout"] + prompts["seen"]:
     assert prompt.split()[-2:] == [colour, shape]
+
+
+def test_stage2_follows_the_first_stage_it_is_given(tmp_path):
+  settings = DemoSettings(ae_overrides=(("model.embed_dim", 8), ("model.ddconfig.z_channels", 8)),
+                          ldm_overrides=(("data.shapes.max_objects", 1),))
+  ae, ldm = demo_configs(str(tmp_path), settings)
+  assert (ldm.unet.in_channels, ldm.unet.out_channels, ldm.unet.image_size) == (8, 8, 16)  # 64 px / f=4
+  assert ldm.first_stage.checkpoint == os.path.join(str(tmp_path), "autoencoder")
+  assert ldm.data.shapes.max_objects == 1 and ae.data.shapes.max_objects == 3
+  with pytest.raises(KeyError, match="unknown config key 'train.steps'"):
+    demo_configs(str(tmp_path), DemoSettings(ldm_overrides=(("train.steps", 1),)))
 
 
 def test_demo_writes_report_grid_and_checkpoints(demo_run):
