@@ -78,11 +78,20 @@ def sections_from_ldm_config(config: Mapping[str, Any]) -> dict[str, Any]:
   first_stage = first_stage_section(params["first_stage_config"])
   cond_cfg = params.get("cond_stage_config", "__is_unconditional__")
   key = params.get("conditioning_key")
+  if key is None and cond_cfg != "__is_unconditional__":
+    key = "concat" if params.get("concat_mode", True) else "crossattn"  # the reference's default
   cond, concat, ldm = {"kind": "none"}, None, {}
   if cond_cfg != "__is_unconditional__":
     cls = _cls(cond_cfg.get("target", "") if isinstance(cond_cfg, Mapping) else cond_cfg)
     cparams = dict(cond_cfg.get("params") or {}) if isinstance(cond_cfg, Mapping) else {}
-    if cls == "ClassEmbedder":
+    if key == "concat" and cls == "SpatialRescaler":  # semantic synthesis: one-hot maps, resized and mapped
+      rescaler = {k: cparams[k] for k in ("n_stages", "method", "multiplier", "in_channels", "out_channels", "bias")
+                  if k in cparams}
+      concat = {"kind": "segmentation", "num_seg_classes": int(cparams.get("in_channels", 3)), "rescaler": rescaler}
+    elif key == "concat" and cls == "Identity":  # super-resolution: the low-res image at latent size
+      concat = {"kind": "low_res", "low_res_size": int(params.get("image_size", unet.get("image_size", 64))),
+                "rescaler": {"n_stages": 0}}
+    elif cls == "ClassEmbedder":
       cond = {"kind": "class", **{k: v for k, v in cparams.items() if k in ("embed_dim", "n_classes", "key")}}
     elif cls == "BERTEmbedder":
       cond = {"kind": "text", **cparams}
@@ -98,7 +107,7 @@ def sections_from_ldm_config(config: Mapping[str, Any]) -> dict[str, Any]:
     concat = {"kind": "inpaint"}  # SD inpainting: z_t + mask + latent of the masked image
   elif key == "adm":
     ldm = {"use_label_emb": True}
-  elif key not in (None, "crossattn"):
+  elif key not in (None, "crossattn") and not (key == "concat" and concat is not None):
     problems.append(f"conditioning_key {key!r} with model {model.get('target')!r}")
   if problems:
     raise ValueError("unsupported reference config: " + "; ".join(problems))

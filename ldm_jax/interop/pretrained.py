@@ -258,6 +258,9 @@ def _convert_weights(model, parts: dict[str, Any], max_length: int):
     cond_state = parts["cond_state"] if parts["cond_state"] is not None else {
         k: v for k, v in state.items() if k.startswith(ldm_config.COND_PREFIX)}
     jobs["cond"] = lambda: load_cond_stage_variables(model.cond_stage, cond_state, templates["cond"])
+  if "concat" in templates:  # the reference keeps a concat encoder (SpatialRescaler) as its cond_stage_model
+    jobs["concat"] = lambda: naming.torch_to_flax(state, templates["concat"], strip_prefix=ldm_config.COND_PREFIX,
+                                                  what=what)
   for name, job in jobs.items():
     try:
       out[name] = job()
@@ -265,7 +268,7 @@ def _convert_weights(model, parts: dict[str, Any], max_length: int):
       errors.append(e)
   known = (ldm_config.UNET_PREFIX, ldm_config.VAE_PREFIX, ldm_config.COND_PREFIX)
   stray = [k for k in state if not k.startswith(known) and not _BUFFERS.match(k)]
-  if parts["cond_state"] is None and "cond" not in templates:
+  if parts["cond_state"] is None and "cond" not in templates and "concat" not in templates:
     stray += [k for k in state if k.startswith(ldm_config.COND_PREFIX)]
   if errors or stray:
     raise naming.StateDictMismatchError(
@@ -279,6 +282,8 @@ def split_params_frozen(model, components: dict[str, Any]) -> tuple[dict[str, An
   params, frozen = {"unet": components["unet"]}, {"first_stage": components["first_stage"]}
   if "cond" in components:
     (params if model.cond_stage.trainable else frozen)["cond"] = components["cond"]
+  if "concat" in components:
+    params["concat"] = components["concat"]
   return params, frozen
 
 
@@ -309,6 +314,11 @@ def weight_templates(model, max_length: int) -> dict[str, Any]:
   if model.cond_stage.module is not None:
     example = np.zeros((1,), np.int32) if model.cond_stage.kind == "class" else np.zeros((1, max_length), np.int32)
     out["cond"] = jax.eval_shape(model.cond_stage.module.init, key, example)
+  if model.concat_stage is not None and model.concat_stage.trainable:
+    rescaler = model.concat_stage.module
+    side = 2 ** (rescaler.n_stages + 1)  # any size that survives the resizing: the 1x1 conv is what has weights
+    out["concat"] = jax.eval_shape(rescaler.init, key, jax.ShapeDtypeStruct((1, side, side, rescaler.in_channels),
+                                                                          np.float32))
   return out
 
 
