@@ -1,5 +1,5 @@
-"""The paper's concat-conditioned LDMs from their reference YAML + original-naming weights:
-semantic synthesis (a SpatialRescaler as ``cond_stage_model``, ``concat_mode``
+"""The paper's unconditional and concat-conditioned LDMs from their reference YAML + original-naming
+weights: unconditional (CelebA-HQ / FFHQ / LSUN style), semantic synthesis (a SpatialRescaler as ``cond_stage_model``, ``concat_mode``
 left to the reference default) and super-resolution (``torch.nn.Identity``:
 the low-res image at latent size). Tiny random weights in the reference's
 key names (``cond_stage_model.channel_mapper.weight``, ...) are written by the
@@ -23,6 +23,7 @@ COND = {
     "semantic": {"target": "ldm.modules.encoders.modules.SpatialRescaler",
                  "params": {"n_stages": 2, "in_channels": 5, "out_channels": 3}},
     "super_resolution": {"target": "torch.nn.Identity"},
+    "unconditional": "__is_unconditional__",
 }
 
 
@@ -30,13 +31,14 @@ def reference_config(kind: str) -> dict:
   return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": dict(
       linear_start=0.0015, linear_end=0.0205, timesteps=1000, image_size=8, channels=3, scale_factor=1.0,
       cond_stage_key="segmentation" if kind == "semantic" else "LR_image", cond_stage_trainable=kind == "semantic",
-      unet_config={"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": UNET},
+      unet_config={"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                   "params": {**UNET, "in_channels": 3 if kind == "unconditional" else 6}},
       first_stage_config={"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
           "embed_dim": 3, "ddconfig": DDCONFIG, "lossconfig": {"target": "torch.nn.Identity"}}},
       cond_stage_config=COND[kind])}}
 
 
-@pytest.mark.parametrize("kind", ["semantic", "super_resolution"])
+@pytest.mark.parametrize("kind", ["semantic", "super_resolution", "unconditional"])
 def test_concat_ldm_loads_from_yaml_and_reference_names(kind, tmp_path):
   config = reference_config(kind)
   sections = ldm_config.sections_from_ldm_config(config)
@@ -51,8 +53,10 @@ def test_concat_ldm_loads_from_yaml_and_reference_names(kind, tmp_path):
     concat = naming.flax_to_torch(components["concat"], add_prefix=ldm_config.COND_PREFIX)
     assert {k: v.shape for k, v in concat.items()} == {"cond_stage_model.channel_mapper.weight": (3, 5, 1, 1)}
     state.update(concat)
-  else:
+  elif kind == "super_resolution":
     assert model.concat_kind == "low_res" and model.low_res_size == 8 and "concat" not in components
+  else:
+    assert model.concat_kind == "none" and model.cond_stage.kind == "none" and "concat" not in components
   path = tmp_path / f"{kind}.safetensors"
   save_file(state, str(path))
   (tmp_path / f"{kind}.yaml").write_text(yaml.safe_dump(config))
