@@ -1,5 +1,6 @@
 """The paper's unconditional and concat-conditioned LDMs from their reference YAML + original-naming
-weights: unconditional (CelebA-HQ / FFHQ / LSUN style), semantic synthesis (a SpatialRescaler as ``cond_stage_model``, ``concat_mode``
+weights: unconditional (CelebA-HQ / FFHQ / LSUN style), inpainting (``__is_first_stage__``: the
+masked image's latent, then the mask), semantic synthesis (a SpatialRescaler as ``cond_stage_model``, ``concat_mode``
 left to the reference default) and super-resolution (``torch.nn.Identity``:
 the low-res image at latent size). Tiny random weights in the reference's
 key names (``cond_stage_model.channel_mapper.weight``, ...) are written by the
@@ -24,7 +25,9 @@ COND = {
                  "params": {"n_stages": 2, "in_channels": 5, "out_channels": 3}},
     "super_resolution": {"target": "torch.nn.Identity"},
     "unconditional": "__is_unconditional__",
+    "inpainting": "__is_first_stage__",
 }
+IN_CHANNELS = {"semantic": 6, "super_resolution": 6, "unconditional": 3, "inpainting": 7}
 
 
 def reference_config(kind: str) -> dict:
@@ -32,13 +35,13 @@ def reference_config(kind: str) -> dict:
       linear_start=0.0015, linear_end=0.0205, timesteps=1000, image_size=8, channels=3, scale_factor=1.0,
       cond_stage_key="segmentation" if kind == "semantic" else "LR_image", cond_stage_trainable=kind == "semantic",
       unet_config={"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                   "params": {**UNET, "in_channels": 3 if kind == "unconditional" else 6}},
+                   "params": {**UNET, "in_channels": IN_CHANNELS[kind]}},
       first_stage_config={"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
           "embed_dim": 3, "ddconfig": DDCONFIG, "lossconfig": {"target": "torch.nn.Identity"}}},
       cond_stage_config=COND[kind])}}
 
 
-@pytest.mark.parametrize("kind", ["semantic", "super_resolution", "unconditional"])
+@pytest.mark.parametrize("kind", sorted(COND))
 def test_concat_ldm_loads_from_yaml_and_reference_names(kind, tmp_path):
   config = reference_config(kind)
   sections = ldm_config.sections_from_ldm_config(config)
@@ -55,6 +58,8 @@ def test_concat_ldm_loads_from_yaml_and_reference_names(kind, tmp_path):
     state.update(concat)
   elif kind == "super_resolution":
     assert model.concat_kind == "low_res" and model.low_res_size == 8 and "concat" not in components
+  elif kind == "inpainting":
+    assert model.concat_kind == "inpaint" and model.inpaint_latent_first and "concat" not in components
   else:
     assert model.concat_kind == "none" and model.cond_stage.kind == "none" and "concat" not in components
   path = tmp_path / f"{kind}.safetensors"
@@ -71,8 +76,16 @@ def test_concat_ldm_loads_from_yaml_and_reference_names(kind, tmp_path):
       np.testing.assert_array_equal(fg[k], fe[k], err_msg="/".join(k))
 
 
-def test_paper_inpainting_is_refused_by_name():
-  config = reference_config("semantic")
-  config["model"]["params"]["cond_stage_config"] = "__is_first_stage__"
-  with pytest.raises(ValueError, match="unsupported reference config: cond_stage_config target"):
-    ldm_config.sections_from_ldm_config(config)
+def test_paper_inpainting_concatenates_masked_latent_then_mask():
+  sections = ldm_config.sections_from_ldm_config(reference_config("inpainting"))
+  model, _, max_length = pretrained.build_from_parts({**sections, "tokenizer": None}, "float32")
+  rng = np.random.default_rng(1)
+  frozen = {"first_stage": jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32),
+                                        pretrained.weight_templates(model, max_length)["first_stage"])}
+  image = rng.uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+  mask = (rng.uniform(size=(1, 32, 32, 1)) > 0.5).astype(np.float32)
+  inputs = {"masked_image": image * (1 - mask), "mask": mask}
+  concat = np.asarray(jax.jit(lambda f, i: model.encode_cond({}, f, i)["concat"])(frozen, inputs))
+  latent = np.asarray(jax.jit(model.encode_images)(frozen, inputs["masked_image"]))
+  np.testing.assert_allclose(concat[..., :3], latent, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(concat[..., 3], mask[0, ::4, ::4, 0][None])  # nearest: every 4th pixel from 0

@@ -116,6 +116,9 @@ def export_diffusers(pipeline, out_dir: str) -> None:
   if model.first_stage.__class__.__name__ != "AutoencoderKL":
     raise ValueError("diffusers' Stable Diffusion pipeline needs a KL autoencoder; this model has a "
                      f"{type(model.first_stage).__name__}")
+  if model.inpaint_latent_first:
+    raise ValueError("diffusers' inpainting pipeline wants [z_t, mask, masked latent]; this model takes the paper's "
+                     "[z_t, masked latent, mask] order")
   if model.cond_stage.kind not in ("clip", "none"):
     raise ValueError(f"only CLIP text encoders export to diffusers, not cond_stage kind {model.cond_stage.kind!r}")
   fields = unet_fields(model.unet)

@@ -81,7 +81,11 @@ def sections_from_ldm_config(config: Mapping[str, Any]) -> dict[str, Any]:
   if key is None and cond_cfg != "__is_unconditional__":
     key = "concat" if params.get("concat_mode", True) else "crossattn"  # the reference's default
   cond, concat, ldm = {"kind": "none"}, None, {}
-  if cond_cfg != "__is_unconditional__":
+  if key == "concat" and cond_cfg == "__is_first_stage__":
+    # The paper's inpainting LDM: the first stage encodes the masked image (not rescaled:
+    # its VQ models have scale_factor 1) and the mask follows it.
+    concat = {"kind": "inpaint", "latent_first": True}
+  elif cond_cfg != "__is_unconditional__":
     cls = _cls(cond_cfg.get("target", "") if isinstance(cond_cfg, Mapping) else cond_cfg)
     cparams = dict(cond_cfg.get("params") or {}) if isinstance(cond_cfg, Mapping) else {}
     if key == "concat" and cls == "SpatialRescaler":  # semantic synthesis: one-hot maps, resized and mapped

@@ -5,7 +5,7 @@ Sections (plain dicts or ConfigDicts, the reference's ``params`` names):
 - ``unet``: ``UNetModel`` fields;
 - ``cond_stage``: ``{kind, ...}`` (see ``ldm_jax.models.cond_stage``);
 - ``concat``: ``{kind: none|low_res|inpaint|segmentation, num_seg_classes,
-  low_res_size, rescaler: {SpatialRescaler fields}}``;
+  low_res_size, latent_first (inpaint: the paper's channel order), rescaler: {SpatialRescaler fields}}``;
 - ``first_stage``: ``{kind, embed_dim, [n_embed], ddconfig}``;
 - ``ldm``: ``{use_label_emb, null_label}``.
 
@@ -75,6 +75,7 @@ def build_latent_diffusion(
       null_label=int(ldm_cfg.get("null_label", 0)),
       num_seg_classes=int(concat_cfg.get("num_seg_classes", 0)),
       low_res_size=int(concat_cfg.get("low_res_size", 0)),
+      inpaint_latent_first=bool(concat_cfg.get("latent_first", False)),
       scale_factor=float(scale_factor),
   )
   return model

@@ -45,6 +45,15 @@ def corners_to_xywh(boxes_BxOx4: np.ndarray) -> np.ndarray:
   return np.stack([xmin, ymin, xmax - xmin, ymax - ymin], axis=-1)
 
 
+def nearest_downsample(mask_BxHxWx1: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """PyTorch's ``interpolate(mode="nearest")``, as the references resize inpainting masks:
+  output pixel i reads input pixel floor(i * H / h) (``jax.image.resize`` samples pixel centres,
+  which picks other pixels along mask edges)."""
+  (h, w), (H, W) = size, mask_BxHxWx1.shape[1:3]
+  rows, cols = (np.arange(h) * H) // h, (np.arange(w) * W) // w
+  return mask_BxHxWx1[:, rows][:, :, cols]
+
+
 @dataclasses.dataclass(frozen=True)
 class LatentDiffusion:
   """The stage-2 model; hashable, so it can close over jitted functions."""
@@ -58,6 +67,9 @@ class LatentDiffusion:
   null_label: int = 0  # the UNet class embedding's null class (CFG)
   num_seg_classes: int = 0
   low_res_size: int = 0  # side of the low-resolution image (super-resolution)
+  # Inpainting channel order: SD's [z_t, mask, masked latent] (False) or the
+  # paper's inpainting LDM's [z_t, masked latent, mask] (True).
+  inpaint_latent_first: bool = False
   scale_factor: float = 1.0
 
   def __post_init__(self):
@@ -195,9 +207,9 @@ class LatentDiffusion:
       cond["y"] = inputs["label"]
     if self.concat_kind == "inpaint":
       z_masked = self.encode_images(frozen, inputs["masked_image"])
-      size = z_masked.shape[1:3]
-      mask = jax.image.resize(inputs["mask"], (inputs["mask"].shape[0], *size, 1), "nearest")
-      cond["concat"] = jnp.concatenate([mask, z_masked], axis=-1)
+      mask = nearest_downsample(inputs["mask"], z_masked.shape[1:3])
+      parts = [z_masked, mask] if self.inpaint_latent_first else [mask, z_masked]
+      cond["concat"] = jnp.concatenate(parts, axis=-1)
     elif self.concat_kind in ("low_res", "segmentation"):
       source = inputs["low_res" if self.concat_kind == "low_res" else "segmentation_onehot"]
       variables = params.get("concat") if self.concat_stage.trainable else None
