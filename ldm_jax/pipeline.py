@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ldm_jax.diffusion.config import SamplerConfig
 from ldm_jax.diffusion.driver import sample as run_sampler
 from ldm_jax.diffusion.schedules import DiffusionSchedule
-from ldm_jax.models.latent_diffusion import LatentDiffusion
+from ldm_jax.models.latent_diffusion import LatentDiffusion, nearest_downsample
 from ldm_jax.training.mesh import BATCH_AXES, data_parallel_size
 
 
@@ -237,7 +237,7 @@ def _generate(
   init_latent = model.encode_images(frozen, init_images) if init_images is not None else None
   latent_mask = None
   if blend:  # sampler convention: 1 keeps the known latent
-    latent_mask = 1.0 - jax.image.resize(keep_mask, (*x_T.shape[:3], 1), "nearest")
+    latent_mask = 1.0 - nearest_downsample(keep_mask, x_T.shape[1:3])
   z = run_sampler(
       model.apply, params, x_T, schedule, sampler_config, rng=rng, cond=cond, uncond=uncond,
       guidance_scale=guidance_scale, eta=eta, strength=strength, mask=latent_mask,

@@ -58,13 +58,19 @@ def _whole_replicas_on_cpu() -> None:
     return
   current = ocp.type_handlers.get_type_handler(jax.Array)
   if getattr(current, "_use_replica_parallel", False):
-    ocp.type_handlers.register_type_handler(
-        jax.Array,
-        ocp.type_handlers.ArrayHandler(
-            use_replica_parallel=False, array_metadata_store=getattr(current, "_array_metadata_store", None)
-        ),
-        override=True,
-    )
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns about the (intended) override
+    try:
+      ocp.type_handlers.register_type_handler(
+          jax.Array,
+          ocp.type_handlers.ArrayHandler(
+              use_replica_parallel=False, array_metadata_store=getattr(current, "_array_metadata_store", None)
+          ),
+          override=True,
+      )
+    finally:
+      absl_logger.setLevel(level)
 
 
 class Checkpointer:
