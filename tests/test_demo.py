@@ -36,11 +36,12 @@ def test_prompts_cover_every_withheld_pair_and_only_seen_pairs_as_controls():
 
 def test_stage2_follows_the_first_stage_it_is_given(tmp_path):
   settings = DemoSettings(ae_overrides=(("model.embed_dim", 8), ("model.ddconfig.z_channels", 8)),
-                          ldm_overrides=(("data.shapes.max_objects", 1),))
+                          ldm_overrides=(("data.shapes.max_objects", 2),))
   ae, ldm = demo_configs(str(tmp_path), settings)
   assert (ldm.unet.in_channels, ldm.unet.out_channels, ldm.unet.image_size) == (8, 8, 16)  # 64 px / f=4
   assert ldm.first_stage.checkpoint == os.path.join(str(tmp_path), "autoencoder")
-  assert ldm.data.shapes.max_objects == 1 and ae.data.shapes.max_objects == 3
+  assert ae.data.shapes.max_objects == 3 and demo_configs(str(tmp_path), DemoSettings())[1].data.shapes.max_objects == 1
+  assert ldm.data.shapes.max_objects == 2  # overrides come last
   with pytest.raises(KeyError, match="unknown config key 'train.steps'"):
     demo_configs(str(tmp_path), DemoSettings(ldm_overrides=(("train.steps", 1),)))
 
