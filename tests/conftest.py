@@ -37,7 +37,6 @@ logging.getLogger("absl").setLevel(logging.WARNING)
 # shapes-judge file) serves sample.py's and evaluate.py's tests. Those files
 # usually run on different xdist workers, so the first to ask trains it under a
 # file lock in the directory all workers share; the other reuses it.
-TINY_TXT2IMG_EVAL = dict(every=2, num_samples=16, batch_size=8, num_steps=4, feature_net="shapes_judge")
 
 
 @pytest.fixture(scope="session")
@@ -49,14 +48,18 @@ def tiny_txt2img_run(tmp_path_factory) -> dict:
   from ldm_jax.evaluation import feature_nets
   from ldm_jax.evaluation.shapes_judge import ShapesJudge
 
-  shared = tmp_path_factory.getbasetemp().parent  # the same for every worker of this session
+  base = tmp_path_factory.getbasetemp()
+  # Under xdist each worker's basetemp sits in this session's folder; without
+  # xdist the parent would be shared with earlier sessions (and their stale runs).
+  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
   root = shared / "tiny_txt2img"
   config = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                     "configs/ldm.py:shapes_txt2img,tiny"))
   config.data.data_dir = str(root / "data")
   config.data.shapes.update(num_train=16, num_validation=32, num_test=8)
   judge = str(root / "judge.npz")
-  config.eval.update(judge_weights=judge, **TINY_TXT2IMG_EVAL)
+  config.eval.update(every=2, num_samples=16, batch_size=8, num_steps=4, feature_net="shapes_judge",
+                     judge_weights=judge)
   # Deterministic, so every worker holds the weights the file has.
   params = jax.jit(ShapesJudge().init)(jax.random.key(3), np.zeros((1, 32, 32, 3)))
   run = {"workdir": str(root / "run"), "config": config, "judge": judge, "judge_params": params}

@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 
 from ldm_jax.data.captioned_shapes.captioned_shapes_dataset_builder import build_captioned_shapes
+from ldm_jax.data.captioned_shapes.scene import MAX_OBJECTS
 
 # Our field name -> path in a captioned_shapes record.
 SHAPES_FIELDS = {
@@ -125,7 +126,7 @@ def open_tfds(name: str, split: str, data_dir: str | None, fields: Mapping[str, 
 
 def open_shapes(
     split: str, data_dir: str | None, image_size: int, split_sizes: tuple[int, int, int], seed: int,
-    max_objects: int = 3,
+    max_objects: int = MAX_OBJECTS,
 ) -> TfdsSource:
   """The captioned-shapes split, built into ``data_dir`` on first use."""
   counts = [None if n < 0 else n for n in split_sizes]

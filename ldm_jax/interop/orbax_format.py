@@ -46,19 +46,17 @@ def convert(source: str, out_dir: str, **read_kw) -> str:
   if os.path.exists(out_dir) and os.listdir(out_dir):
     raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder")
   parts = pretrained.read_parts(source, **read_kw)
-  pipe = pretrained.assemble_pipeline(parts, mesh=None, compute_dtype="float32")  # validates every weight
+  model, _, max_length = pretrained.build_from_parts(parts, "float32")
+  params, frozen = pretrained.convert_weights(model, parts, max_length)  # validates every weight, on the host
   os.makedirs(out_dir, exist_ok=True)
   description = {k: v for k, v in parts.items() if k not in _NOT_DESCRIBED}
-  description["schedule"] = {k: np.asarray(v).tolist() if k == "betas" else v
-                             for k, v in parts["schedule"].items()}
   with open(os.path.join(out_dir, DESCRIPTION_FILE), "w") as f:
     json.dump({"format": "ldm_jax.orbax_pipeline", "version": FORMAT_VERSION, "source": os.path.abspath(source),
                "parts": description}, f, indent=1, default=_json_default)
   if parts["tokenizer"] is not None:
     shutil.copytree(parts["tokenizer"], os.path.join(out_dir, "tokenizer"))
-  weights = {"params": jax.device_get(pipe.params), "frozen": jax.device_get(pipe.frozen)}
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(out_dir, "weights"), weights)
+    checkpointer.save(os.path.join(out_dir, "weights"), {"params": params, "frozen": frozen})
   return out_dir
 
 

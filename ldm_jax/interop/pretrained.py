@@ -217,7 +217,7 @@ def select_ema(state: Mapping[str, Any], use_ema: bool) -> dict[str, Any]:
 
 def assemble_pipeline(parts: dict[str, Any], *, mesh, compute_dtype: str):
   model, tok, max_length = build_from_parts(parts, compute_dtype)
-  params, frozen = _convert_weights(model, parts, max_length)
+  params, frozen = convert_weights(model, parts, max_length)
   return pipeline_from_parts(parts, model, tok, max_length, params, frozen, mesh)
 
 
@@ -242,7 +242,7 @@ def build_from_parts(parts: dict[str, Any], compute_dtype: str):
   return model, tok, max_length
 
 
-def _convert_weights(model, parts: dict[str, Any], max_length: int):
+def convert_weights(model, parts: dict[str, Any], max_length: int):
   """(params, frozen) from the parts' PyTorch state dict; every problem of every component in one error."""
   from ldm_jax.models.cond_stage import load_cond_stage_variables
 
