@@ -68,6 +68,20 @@ def test_kl_and_vq_generator_losses_match_numpy():
   np.testing.assert_allclose([vq_m["nll"], vq_loss], [rec.mean(), rec.mean() + 2.0 * 0.4], rtol=1e-5)
   assert float(kl_m["g_loss"]) == float(kl_m["d_weight"]) == 0.0  # no discriminator given
 
+
+def test_squared_pixel_loss_option():
+  x_rec = (X + RNG.normal(scale=0.2, size=X.shape)).astype(np.float32)
+  post = DiagonalGaussian(jnp.asarray(RNG.normal(size=(2, 4, 4, 2)), jnp.float32), jnp.full((2, 4, 4, 2), -0.5))
+  cfg = L.Stage1LossConfig(kl_weight=0.0, perceptual_weight=0.7, pixel_loss="l2")
+  loss, (metrics, _) = L.kl_generator_loss(
+      cfg, x=X, x_rec=x_rec, posterior=post, logvar=0.0, step=0, lpips_fn=perceptual)
+  sq = (X.astype(np.float64) - x_rec) ** 2
+  p = np.asarray(perceptual(X, x_rec), np.float64)
+  np.testing.assert_allclose(loss, np.sum(sq + 0.7 * p[:, None, None, None]) / 2, rtol=1e-5)
+  np.testing.assert_allclose(metrics["rec"], sq.mean(), rtol=1e-5)
+  with pytest.raises(ValueError, match="pixel_loss"):
+    L.Stage1LossConfig(pixel_loss="huber")
+
   with pytest.raises(ValueError, match="perceptual_weight > 0 needs lpips_fn"):
     L.vq_generator_loss(cfg, x=X, x_rec=x_rec, codebook_loss=0.0, step=0)
 

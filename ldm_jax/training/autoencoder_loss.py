@@ -2,7 +2,7 @@
 
 Pure functions, usable inside ``jax.jit``; the train step owns the models.
 
-Generator side: ``rec = |x - x̂| + perceptual_weight * LPIPS(x, x̂)`` per
+Generator side: ``rec = |x - x̂| (or (x - x̂)², pixel_loss="l2") + perceptual_weight * LPIPS(x, x̂)`` per
 pixel, then
 
 - KL: ``nll = sum(rec / exp(logvar) + logvar) / B``, loss ``nll +
@@ -73,10 +73,15 @@ class Stage1LossConfig:
   disc_factor: float = 1.0
   disc_weight: float = 1.0
   disc_loss: str = "hinge"
+  # Not a reference key: "l1" (the reference) or "l2" (squared error, which
+  # maximises PSNR directly; the demo's short CPU run learns faster with it).
+  pixel_loss: str = "l1"
 
   def __post_init__(self):
     if self.disc_loss not in ("hinge", "vanilla"):
       raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {self.disc_loss!r}")
+    if self.pixel_loss not in ("l1", "l2"):
+      raise ValueError(f"pixel_loss must be 'l1' or 'l2', got {self.pixel_loss!r}")
 
 
 # --------------------------------------------------------------- GAN pieces
@@ -180,10 +185,11 @@ def _adversarial(
 def _rec_loss(
     cfg: Stage1LossConfig, x: Array, x_rec: Array, lpips_fn: LpipsFn | None
 ) -> tuple[Array, dict[str, Array]]:
-  """Per-pixel |x - x̂| + perceptual_weight · LPIPS (broadcast per image)."""
+  """Per-pixel |x - x̂| (or (x - x̂)² with pixel_loss="l2") + perceptual_weight · LPIPS
+  (broadcast per image). The logged "rec" is the pixel term's mean."""
   x, x_rec = x.astype(jnp.float32), x_rec.astype(jnp.float32)
-  l1 = jnp.abs(x - x_rec)
-  rec = l1
+  pixel = jnp.square(x - x_rec) if cfg.pixel_loss == "l2" else jnp.abs(x - x_rec)
+  rec = pixel
   p_loss = jnp.zeros((x.shape[0],), jnp.float32)
   if cfg.perceptual_weight > 0:
     if lpips_fn is None:
@@ -192,8 +198,8 @@ def _rec_loss(
           "and pass make_lpips_fn(params), or set perceptual_weight=0"
       )
     p_loss = lpips_fn(x, x_rec).astype(jnp.float32)
-    rec = l1 + cfg.perceptual_weight * p_loss[:, None, None, None]
-  return rec, {"rec": jnp.mean(l1), "lpips": jnp.mean(p_loss)}
+    rec = pixel + cfg.perceptual_weight * p_loss[:, None, None, None]
+  return rec, {"rec": jnp.mean(pixel), "lpips": jnp.mean(p_loss)}
 
 
 def kl_generator_loss(
