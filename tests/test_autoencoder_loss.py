@@ -68,6 +68,9 @@ def test_kl_and_vq_generator_losses_match_numpy():
   np.testing.assert_allclose([vq_m["nll"], vq_loss], [rec.mean(), rec.mean() + 2.0 * 0.4], rtol=1e-5)
   assert float(kl_m["g_loss"]) == float(kl_m["d_weight"]) == 0.0  # no discriminator given
 
+  with pytest.raises(ValueError, match="perceptual_weight > 0 needs lpips_fn"):
+    L.vq_generator_loss(cfg, x=X, x_rec=x_rec, codebook_loss=0.0, step=0)
+
 
 def test_squared_pixel_loss_option():
   x_rec = (X + RNG.normal(scale=0.2, size=X.shape)).astype(np.float32)
@@ -81,9 +84,6 @@ def test_squared_pixel_loss_option():
   np.testing.assert_allclose(metrics["rec"], sq.mean(), rtol=1e-5)
   with pytest.raises(ValueError, match="pixel_loss"):
     L.Stage1LossConfig(pixel_loss="huber")
-
-  with pytest.raises(ValueError, match="perceptual_weight > 0 needs lpips_fn"):
-    L.vq_generator_loss(cfg, x=X, x_rec=x_rec, codebook_loss=0.0, step=0)
 
 
 class _ToyDecoder(nn.Module):

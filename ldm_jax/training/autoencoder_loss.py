@@ -74,7 +74,7 @@ class Stage1LossConfig:
   disc_weight: float = 1.0
   disc_loss: str = "hinge"
   # Not a reference key: "l1" (the reference) or "l2" (squared error, which
-  # maximises PSNR directly; the demo's short CPU run learns faster with it).
+  # maximises PSNR directly: short CPU runs on the shapes reach more with it).
   pixel_loss: str = "l1"
 
   def __post_init__(self):
