@@ -2,8 +2,8 @@
 
 Pure functions, usable inside ``jax.jit``; the train step owns the models.
 
-Generator side: ``rec = |x - x̂| (or (x - x̂)², pixel_loss="l2") + perceptual_weight * LPIPS(x, x̂)`` per
-pixel, then
+Generator side, per pixel: ``rec = |x - x̂| + perceptual_weight * LPIPS(x, x̂)``
+(``(x - x̂)²`` in place of ``|x - x̂|`` with ``pixel_loss="l2"``), then
 
 - KL: ``nll = sum(rec / exp(logvar) + logvar) / B``, loss ``nll +
   kl_weight * sum(KL) / B + d_weight * disc_factor * g_loss``;
