@@ -80,6 +80,16 @@ def test_resume_gives_exactly_the_uninterrupted_state(runs):
   assert runs["a"].train_metrics["disc_factor"] == 1.0 and runs["a"].train_metrics["d_loss"] > 0
 
 
+def test_rerunning_a_finished_run_reports_its_figures_and_logs_nothing(runs):
+  metrics = runs["root"] / "a" / "metrics.jsonl"
+  logged = metrics.read_text()
+  again = train(runs["config"], str(runs["root"] / "a"))
+  assert again.step == STEPS
+  assert again.eval_metrics["val/psnr"] == pytest.approx(runs["a"].eval_metrics["val/psnr"], abs=1e-4)
+  assert again.scale_factor == pytest.approx(runs["a"].scale_factor, rel=1e-5)
+  assert metrics.read_text() == logged
+
+
 def test_training_reduces_reconstruction_loss(runs):
   rec = rec_by_step(runs["root"] / "a")
   # Steps 1-10 are pure reconstruction (+KL); the same two batches alternate.

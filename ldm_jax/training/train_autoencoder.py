@@ -148,11 +148,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> AutoencoderTrainRe
   grid_dir = os.path.join(workdir, "reconstructions")
   last = {"eval": {}, "scale": None, "grid": None}
 
-  def evaluate(step: int, state) -> dict:
+  def validate(state) -> tuple[dict, dict]:
     out = val_images.run(reconstruct_fn, state.params["ae"], lpips_params)
     metrics = {"val/psnr": float(np.mean(out["psnr"]))}
     if "lpips" in out:
       metrics["val/lpips"] = float(np.mean(out["lpips"]))
+    return metrics, out
+
+  def evaluate(step: int, state) -> dict:
+    metrics, out = validate(state)
     n = min(tc.num_grid_images, len(val_images.images))
     grid = make_grid(np.concatenate([to_uint8(val_images.images[:n]), to_uint8(out["reconstruction"][:n])]), ncols=n)
     if jax.process_index() == 0:
@@ -190,6 +194,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> AutoencoderTrainRe
     )
   finally:
     writer.close()
+  if not last["eval"] and not result.preempted and result.state is not None:
+    # E.g. a rerun of a finished run: nothing was trained, but its figures are still reported (not logged).
+    last["eval"] = validate(result.state)[0]
+    meta(result.state)
 
   summary = AutoencoderTrainResult(
       step=result.step, preempted=result.preempted, train_metrics=result.last_metrics,
