@@ -142,6 +142,9 @@ def run_demo(workdir: str, settings: DemoSettings = DemoSettings()) -> dict:
   image_size = ae_config.data.image_size
   judge = _timed(timings, "judge_training_s", shapes_judge.train_judge, image_size,
                  steps=settings.judge_steps, seed=settings.seed)
+  first_stage_colour, first_stage_shape = _timed(
+      timings, "first_stage_check_s", first_stage_accuracy, judge, os.path.join(workdir, "autoencoder"),
+      image_size, settings.seed)
   results = {}
   for name, pairs_prompts in prompts.items():
     pairs = [pair for _, pair in pairs_prompts]
@@ -159,6 +162,8 @@ def run_demo(workdir: str, settings: DemoSettings = DemoSettings()) -> dict:
       "judge": {
           "heldout_colour_accuracy": judge.heldout_colour_accuracy,
           "heldout_shape_accuracy": judge.heldout_shape_accuracy,
+          "first_stage_colour_accuracy": first_stage_colour,
+          "first_stage_shape_accuracy": first_stage_shape,
           "training_steps": settings.judge_steps,
       },
       "heldout_prompts": results["heldout"],
@@ -178,6 +183,27 @@ def run_demo(workdir: str, settings: DemoSettings = DemoSettings()) -> dict:
       json.dump(report, f, indent=2)
     print(summary(report, workdir), flush=True)
   return report
+
+
+def first_stage_round_trip(autoencoder_dir: str, images: np.ndarray) -> np.ndarray:
+  """D(E(x)) of images in [-1, 1] through a stage-1 run's weights (posterior
+  mean), passed through uint8 as generated images are."""
+  from ldm_jax.reconstruct import make_reconstruct_fn
+  from ldm_jax.training.first_stage_io import load_first_stage
+
+  model, variables, _, _ = load_first_stage(autoencoder_dir)
+  reconstruct = make_reconstruct_fn(model)
+  decoded = np.concatenate([np.asarray(reconstruct(variables["params"], None, images[i:i + 64])["reconstruction"])
+                            for i in range(0, len(images), 64)])
+  return (np.round((decoded + 1.0) * 127.5) / 127.5 - 1.0).astype(np.float32)
+
+
+def first_stage_accuracy(judge: shapes_judge.TrainedJudge, autoencoder_dir: str, image_size: int,
+                         seed: int) -> tuple[float, float]:
+  """The judge's (colour, shape) accuracy on its fresh renders after the first
+  stage's encode / decode: the most stage 2 can reach through that decoder."""
+  images, colours, kinds = shapes_judge.fresh_renders(image_size, seed)
+  return judge.accuracy(first_stage_round_trip(autoencoder_dir, images), colours, kinds)
 
 
 def _rendered(pairs, per_pair: int, image_size: int, seed: int) -> np.ndarray:
@@ -212,7 +238,8 @@ def summary(report: dict, workdir: str) -> str:
       f"autoencoder: {ae['steps']} steps, validation PSNR {psnr}",
       f"LDM: {report['ldm']['steps']} steps",
       f"judge accuracy on fresh renders: colour {j['heldout_colour_accuracy']:.1%}, "
-      f"shape {j['heldout_shape_accuracy']:.1%}",
+      f"shape {j['heldout_shape_accuracy']:.1%}; after the autoencoder (the most stage 2 can reach): "
+      f"colour {j['first_stage_colour_accuracy']:.1%}, shape {j['first_stage_shape_accuracy']:.1%}",
       f"held-out prompts (colour-shape pairs never seen in training), {h['num_images']} images:",
       f"  colour {h['colour_accuracy']:.1%}, shape {h['shape_accuracy']:.1%}, both {h['both_accuracy']:.1%}, "
       f"Fréchet distance {h['frechet_distance']:.2f}  "

@@ -11,7 +11,10 @@ import pytest
 from PIL import Image
 
 from ldm_jax.data import captioned_shapes as shapes
-from ldm_jax.demo import GRID_FILE, RESULTS_FILE, SIZE_NAMES, DemoSettings, demo_configs, judged_prompts, run_demo
+from ldm_jax.demo import (GRID_FILE, RESULTS_FILE, SIZE_NAMES, DemoSettings, demo_configs, first_stage_round_trip,
+                          judged_prompts, run_demo)
+from ldm_jax.evaluation import shapes_judge
+from ldm_jax.training.first_stage_io import load_first_stage
 
 SETTINGS = DemoSettings(tiny=True, images_per_prompt=1, seen_images_per_pair=1, num_steps=3, judge_steps=5)
 
@@ -74,10 +77,26 @@ def test_demo_writes_report_grid_and_checkpoints(demo_run):
   assert report["heldout_prompts"] == on_disk["heldout_prompts"]
 
 
+def test_first_stage_accuracy_is_the_judges_on_decoded_renders(demo_run):
+  workdir, report = demo_run
+  image_size = demo_configs(workdir, SETTINGS)[0].data.image_size
+  ae_dir = os.path.join(workdir, "autoencoder")
+  images, colours, kinds = shapes_judge.fresh_renders(image_size, SETTINGS.seed)
+  round_trip = first_stage_round_trip(ae_dir, images)
+  model, variables, _, _ = load_first_stage(ae_dir)
+  decoded = model.apply(variables, model.apply(variables, images, method=model.encode).mean, method=model.decode)
+  expected = np.clip(np.asarray(decoded, np.float64), -1.0, 1.0)
+  np.testing.assert_allclose(round_trip, expected, atol=0.5 / 127.5 + 1e-5)  # uint8 rounding only
+  judge = shapes_judge.train_judge(image_size, steps=SETTINGS.judge_steps, seed=SETTINGS.seed)  # deterministic
+  assert (report["judge"]["first_stage_colour_accuracy"], report["judge"]["first_stage_shape_accuracy"]) == \
+      judge.accuracy(round_trip, colours, kinds)
+
+
 def test_rerun_resumes_without_training_again(demo_run):
   workdir, first = demo_run
   second = run_demo(workdir, SETTINGS)
   assert second["autoencoder"]["steps"] == first["autoencoder"]["steps"]
   assert second["ldm"]["steps"] == first["ldm"]["steps"]
+  assert second["autoencoder"]["val_psnr_db"] == pytest.approx(first["autoencoder"]["val_psnr_db"], abs=1e-4)
   # Same weights, same seeds, deterministic sampler: the same judgement.
   assert second["heldout_prompts"]["per_pair"] == first["heldout_prompts"]["per_pair"]

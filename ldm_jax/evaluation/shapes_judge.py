@@ -76,8 +76,18 @@ class TrainedJudge:
     colour, shape, feats = (np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(3))
     return colour.argmax(-1), shape.argmax(-1), feats
 
+  def accuracy(self, images: np.ndarray, colours: np.ndarray, kinds: np.ndarray) -> tuple[float, float]:
+    """(colour accuracy, shape accuracy) on labelled images in [-1, 1]."""
+    colour_pred, shape_pred, _ = self.predict(images)
+    return float(np.mean(colour_pred == colours)), float(np.mean(shape_pred == kinds))
+
 
 ALL_PAIRS = tuple((c, s) for c in shapes.COLOURS for s in shapes.SHAPES)
+
+
+def fresh_renders(image_size: int, seed: int):
+  """The judge's test set: 5 renders of every pair, none of them trained on."""
+  return render_single_objects(ALL_PAIRS, 5, image_size, seed + 2)
 
 
 def train_judge(image_size: int = 64, *, steps: int = 500, batch: int = 64, per_pair: int = 40, seed: int = 0) -> TrainedJudge:
@@ -106,10 +116,7 @@ def train_judge(image_size: int = 64, *, steps: int = 500, batch: int = 64, per_
     idx = order.integers(0, len(images), batch)
     params, opt_state, _ = step(params, opt_state, images[idx], colours[idx], kinds[idx], jax.random.key(i))
   judge = TrainedJudge(model, params, 0.0, 0.0)
-  test_images, test_colours, test_kinds = render_single_objects(ALL_PAIRS, 5, image_size, seed + 2)
-  colour_pred, shape_pred, _ = judge.predict(test_images)
-  judge.heldout_colour_accuracy = float(np.mean(colour_pred == test_colours))
-  judge.heldout_shape_accuracy = float(np.mean(shape_pred == test_kinds))
+  judge.heldout_colour_accuracy, judge.heldout_shape_accuracy = judge.accuracy(*fresh_renders(image_size, seed))
   return judge
 
 
