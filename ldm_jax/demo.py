@@ -11,7 +11,9 @@ Phases (each resumes from its checkpoints when the command is rerun):
    control, for pairs it saw;
 4. judging: a small CNN trained on renders of every pair names the colour
    and shape of each generated image; the Fréchet distance in its feature
-   space compares generated with rendered images of the same prompts.
+   space compares generated with rendered images of the same prompts. The
+   judge also reads its renders after the autoencoder's round trip: the most
+   stage 2 can reach through that decoder.
 
 Everything lands in the run folder: ``autoencoder/``, ``ldm/`` (checkpoints,
 metrics, sample grids), ``heldout_samples.png``, ``demo_results.json``.
