@@ -15,7 +15,7 @@ Variant words (comma-separated):
   ``tfds:celeb_a_hq/256``).
 - tiny: shrinks any variant to run on a CPU in seconds (tests).
 - demo / demo_vq: a small f=4 autoencoder on 64 px shapes, trained in about
-  eight minutes on a 2-core CPU (README demo; about 28.6 dB validation PSNR).
+  ten minutes on a 2-core CPU (README demo; about 28.6 dB validation PSNR).
 
 The perceptual loss (LPIPS, ``perceptual_weight=1`` as the reference) needs
 converted weights: ``--config.loss.lpips_weights=FILE`` (see
@@ -150,8 +150,8 @@ def _demo(config: ml_collections.ConfigDict, kind: str) -> None:
   # the shapes' colours and outlines faster; measured (seed 0, 2-core CPU):
   # L1 / 1e-6, 1500 steps: 25.1 dB; L2 / 1e-6: 24.2 dB; L2 / 1e-4: 27.3 dB;
   # L2 / 1e-4, 2000 steps: 28.6 dB. What matters for stage 2: the shapes
-  # judge names the shape of 66.7% of renders after the L1 one's round trip
-  # and of 79.6% after the L2 / 1e-4 (1500 steps) one. (L2 / 1e-6 at 2500
+  # judge names the shape of 66.7% of renders after the L1 one's round trip,
+  # 79.6% after L2 / 1e-4 at 1500 steps, 85.0% at 2000. (L2 / 1e-6 at 2500
   # steps, 27.3 dB, gave a first stage stage 2 could not use: its posterior
   # noise is tiny and the LDM's samples decoded to texture.)
   config.loss.update(dict(perceptual_weight=0.0, disc_factor=0.0, pixel_loss="l2"))

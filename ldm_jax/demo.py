@@ -33,6 +33,7 @@ from ldm_jax.data import captioned_shapes as shapes
 from ldm_jax.diffusion.config import SamplerConfig
 from ldm_jax.evaluation import shapes_judge
 from ldm_jax.image_grid import make_grid, save_png
+from ldm_jax.pipeline import to_uint8
 
 # The experiment configs live next to the package in the repository.
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -197,7 +198,7 @@ def first_stage_round_trip(autoencoder_dir: str, images: np.ndarray) -> np.ndarr
   reconstruct = make_reconstruct_fn(model)
   decoded = np.concatenate([np.asarray(reconstruct(variables["params"], None, images[i:i + 64])["reconstruction"])
                             for i in range(0, len(images), 64)])
-  return (np.round((decoded + 1.0) * 127.5) / 127.5 - 1.0).astype(np.float32)
+  return to_uint8(decoded).astype(np.float32) / 127.5 - 1.0
 
 
 def first_stage_accuracy(judge: shapes_judge.TrainedJudge, autoencoder_dir: str, image_size: int,
@@ -210,7 +211,7 @@ def first_stage_accuracy(judge: shapes_judge.TrainedJudge, autoencoder_dir: str,
 
 def _rendered(pairs, per_pair: int, image_size: int, seed: int) -> np.ndarray:
   images, _, _ = shapes_judge.render_single_objects(pairs, per_pair, image_size, seed)
-  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  return to_uint8(images)
 
 
 def _save_heldout_grid(workdir: str, images: np.ndarray, per_prompt: int, prompts) -> str:
@@ -233,7 +234,7 @@ def summary(report: dict, workdir: str) -> str:
   """The human-readable end of the demo."""
   h, s, j = report["heldout_prompts"], report["seen_prompts"], report["judge"]
   ae = report["autoencoder"]
-  psnr = f"{ae['val_psnr_db']:.2f} dB" if ae["val_psnr_db"] is not None else "n/a (resumed)"
+  psnr = f"{ae['val_psnr_db']:.2f} dB" if ae["val_psnr_db"] is not None else "n/a"
   lines = [
       "",
       "=== demo finished ===",

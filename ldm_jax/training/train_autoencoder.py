@@ -166,9 +166,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> AutoencoderTrainRe
     return metrics
 
   # ------------------------------------------------- checkpoint metadata
-  def meta(state) -> dict:
+  def scale_factor(state) -> float:
     out = scale_images.run(reconstruct_fn, state.params["ae"], None)
-    last["scale"] = latent_scale_factor(out["latent_mean"], out["latent_var"])
+    return latent_scale_factor(out["latent_mean"], out["latent_var"])
+
+  def meta(state) -> dict:
+    last["scale"] = scale_factor(state)
     return first_stage_meta(
         model_config, last["scale"], step=int(jax.device_get(state.step)),
         num_scale_images=len(scale_images.images), config=config.to_dict(),
@@ -196,8 +199,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> AutoencoderTrainRe
     writer.close()
   if not last["eval"] and not result.preempted and result.state is not None:
     # E.g. a rerun of a finished run: nothing was trained, but its figures are still reported (not logged).
-    last["eval"] = validate(result.state)[0]
-    meta(result.state)
+    last["eval"], last["scale"] = validate(result.state)[0], scale_factor(result.state)
 
   summary = AutoencoderTrainResult(
       step=result.step, preempted=result.preempted, train_metrics=result.last_metrics,
