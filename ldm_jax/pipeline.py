@@ -183,8 +183,9 @@ class LDMPipeline:
       raise ValueError(f"x_T has shape {np.shape(x_T)}; expected {(n, *latent_shape)} (N, h, w, C latents)")
     x_T = _global(_pad(np.asarray(x_T, np.float32), padded), shard)
     k_sample = jax.random.fold_in(jax.random.split(rng)[1], first_index)  # stochastic samplers
+    weights = _on_mesh((self.params, self.frozen), self.mesh)
     images = self._program(
-        self.params, self.frozen, put(host), put(uncond_inputs) if guided else None, x_T, k_sample,
+        *weights, put(host), put(uncond_inputs) if guided else None, x_T, k_sample,
         jnp.float32(guidance_scale), jnp.float32(eta),
         put(np.asarray(init_images, np.float32)) if init_images is not None else None,
         put(mask[..., None]) if (mask is not None and self.model.concat_kind != "inpaint") else None,
@@ -200,6 +201,21 @@ class LDMPipeline:
 def _global(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """A global array from a host array every process holds in full (multi-host safe)."""
   return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+def _on_mesh(tree: Any, mesh: Mesh) -> Any:
+  """Weights laid out on the mesh's devices: arrays elsewhere (e.g. a first
+  stage restored onto one device while training runs on several) are
+  replicated; arrays already on the mesh keep their (e.g. FSDP) layout."""
+  devices = set(mesh.devices.flat)
+  replicated = NamedSharding(mesh, P())
+
+  def place(a):
+    if isinstance(a, jax.Array) and a.sharding.device_set != devices:
+      return _global(np.asarray(a), replicated)
+    return a
+
+  return jax.tree.map(place, tree)
 
 
 def _pad_rows(n: int, multiple: int) -> int:

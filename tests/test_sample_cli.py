@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm_jax.diffusion.config import SamplerConfig
 from ldm_jax.loading import load_pipeline
 from ldm_jax.pipeline import to_uint8
 from ldm_jax.sample_cli import SampleRequest, run
@@ -166,3 +167,18 @@ def test_bad_inputs_name_the_problem(run_dir, init_image, tmp_path):
   with pytest.raises(ValueError, match="unknown --sampler 'dpm_fast'; allowed: .*ddim"):
     _sample(**{**ok, "sampler": "dpm_fast"})
   assert not os.path.exists(ok["output"])  # every failure came before any image was written
+
+
+def test_weights_on_one_device_sample_over_the_whole_mesh(pipeline):
+  """Training's sample hook hands the pipeline a first stage restored onto
+  one device while its mesh spans all of them; sampling places it."""
+  assert pipeline.mesh.devices.size > 1
+  sampler = SamplerConfig(sampler="ddim", num_steps=STEPS)
+  expected = pipeline.text_to_image(PROMPTS, sampler=sampler, seed=3)
+  params, frozen = pipeline.params, pipeline.frozen
+  one = jax.devices()[0]
+  try:
+    pipeline.params, pipeline.frozen = jax.device_put(params, one), jax.device_put(frozen, one)
+    np.testing.assert_array_equal(pipeline.text_to_image(PROMPTS, sampler=sampler, seed=3), expected)
+  finally:
+    pipeline.params, pipeline.frozen = params, frozen
