@@ -183,9 +183,10 @@ class LDMPipeline:
       raise ValueError(f"x_T has shape {np.shape(x_T)}; expected {(n, *latent_shape)} (N, h, w, C latents)")
     x_T = _global(_pad(np.asarray(x_T, np.float32), padded), shard)
     k_sample = jax.random.fold_in(jax.random.split(rng)[1], first_index)  # stochastic samplers
-    weights = _on_mesh((self.params, self.frozen), self.mesh)
+    # Kept placed, so weights that arrived elsewhere cross the host once, not on every call.
+    self.params, self.frozen = _on_mesh((self.params, self.frozen), self.mesh)
     images = self._program(
-        *weights, put(host), put(uncond_inputs) if guided else None, x_T, k_sample,
+        self.params, self.frozen, put(host), put(uncond_inputs) if guided else None, x_T, k_sample,
         jnp.float32(guidance_scale), jnp.float32(eta),
         put(np.asarray(init_images, np.float32)) if init_images is not None else None,
         put(mask[..., None]) if (mask is not None and self.model.concat_kind != "inpaint") else None,
