@@ -30,6 +30,7 @@ def main(argv):
       coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value,
+      cpu_devices=config.mesh.get("cpu_devices", 0),
   )
   import jax
 

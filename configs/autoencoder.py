@@ -161,6 +161,8 @@ def _demo(config: ml_collections.ConfigDict, kind: str) -> None:
   # after ~700 (they cover few pixels); learning rates from 1e-3 to 5e-3,
   # Adam betas and full 64 px images instead of crops did not change that.
   config.optim.update(dict(learning_rate=2e-3, scale_lr_by_batch=False, schedule="cosine", warmup_steps=20))
+  # Two CPU devices, one half-batch per core: 1.5x the images/s of one device (81 vs 54).
+  config.mesh.cpu_devices = 2
   config.train.update(dict(
       batch_size=16, crop_size=32, num_steps=2000, log_every=50, checkpoint_every=500, eval_every=500,
       num_eval_images=64, eval_batch_size=16,

@@ -31,6 +31,10 @@ def default_mesh_config() -> ml_collections.ConfigDict:
           axis_type="auto",
           fsdp_min_size=2**16,  # parameters with fewer elements replicate.
           rules=(),  # extra (regex, spec) pairs, e.g. (("label_emb", (None, "fsdp")),)
+          # CPU-only hosts: split the CPU into this many JAX devices (0: JAX's one), so
+          # that the data-parallel step runs one shard per core. Small convolutions
+          # hardly use a second core inside one device (see setup_runtime).
+          cpu_devices=0,
       )
   )
 

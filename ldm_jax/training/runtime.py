@@ -13,14 +13,18 @@ def setup_runtime(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    cpu_devices: int = 0,
 ) -> None:
   """Joins a multi-process job if there is one, then turns on the compile cache.
 
   The persistent cache makes a restarted (or preempted) job skip most of its
   compilation; ``compilation_cache_dir=None`` or ``""`` disables it.
+  ``cpu_devices > 0`` splits the host CPU into that many JAX devices (see
+  :func:`split_cpu`); it must run before JAX has created its backends.
   """
   from ldm_jax.training.distributed import maybe_initialize
 
+  split_cpu(cpu_devices)
   maybe_initialize(coordinator_address, num_processes, process_id)
   if compilation_cache_dir:
     path = os.path.expanduser(compilation_cache_dir)
@@ -31,3 +35,24 @@ def setup_runtime(
   # orbax and grain log every file operation through absl at INFO.
   logging.getLogger("absl").setLevel(logging.WARNING)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+
+def split_cpu(num_devices: int) -> None:
+  """Makes JAX's CPU backend ``num_devices`` devices (``num_devices <= 0``: leave it).
+
+  XLA:CPU runs one program's small convolutions on about one core: the demo's
+  autoencoder step takes the same time on one core as on two (250 ms for 16
+  crops). Split into two devices, the data-parallel step runs one half-batch
+  per core, 1.5x faster (the demo's UNet step: 1.2x). A device count already
+  forced through ``XLA_FLAGS`` (``--xla_force_host_platform_device_count``)
+  is the user's choice and wins. Accelerators are not affected.
+  """
+  if num_devices <= 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", int(num_devices))
+  except RuntimeError as e:  # backends already exist
+    raise RuntimeError(
+        f"mesh.cpu_devices={num_devices} must be applied before JAX creates its devices; "
+        "call setup_runtime() before any JAX computation"
+    ) from e
