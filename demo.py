@@ -17,12 +17,17 @@ _TINY = flags.DEFINE_bool("tiny", False, "Seconds-long stages to check the plumb
 
 def main(argv):
   del argv
-  from ldm_jax.demo import DemoSettings, run_demo
+  from ldm_jax.demo import DemoPreempted, DemoSettings, demo_configs, run_demo
   from ldm_jax.training.runtime import setup_runtime
 
-  setup_runtime(compilation_cache_dir="~/.cache/ldm_jax/xla")
-  run_demo(_WORKDIR.value, DemoSettings(tiny=_TINY.value, guidance_scale=_GUIDANCE.value,
-                                        images_per_prompt=_PER_PROMPT.value))
+  settings = DemoSettings(tiny=_TINY.value, guidance_scale=_GUIDANCE.value, images_per_prompt=_PER_PROMPT.value)
+  ae_config, _ = demo_configs(_WORKDIR.value, settings)
+  # One process runs both stages, so the stage-1 config's device split serves the whole demo.
+  setup_runtime(compilation_cache_dir="~/.cache/ldm_jax/xla", cpu_devices=ae_config.mesh.cpu_devices)
+  try:
+    run_demo(_WORKDIR.value, settings)
+  except DemoPreempted as e:
+    raise SystemExit(f"demo stopped: {e}") from None
 
 
 if __name__ == "__main__":

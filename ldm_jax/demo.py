@@ -44,6 +44,10 @@ SIZE_NAMES = tuple(shapes.SIZES)
 ACCURACY_BAR = 0.8
 
 
+class DemoPreempted(RuntimeError):
+  """A training stage stopped on SIGTERM (its checkpoint saved); rerunning resumes it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
   """What the demo trains and how it samples and judges."""
@@ -115,6 +119,13 @@ def _timed(timings: dict, name: str, fn, *args, **kw):
   return out
 
 
+def _stop_if_preempted(stage: str, result) -> None:
+  # Sampling and judging a half-trained model would only cost the time a preempted job lacks.
+  if result.preempted:
+    raise DemoPreempted(f"{stage} was stopped (SIGTERM) at step {result.step}, its checkpoint saved; "
+                        "run the same command to resume")
+
+
 def run_demo(workdir: str, settings: DemoSettings = DemoSettings()) -> dict:
   """Runs (or resumes) every phase; returns the report written to ``demo_results.json``."""
   from ldm_jax.loading import load_pipeline
@@ -127,8 +138,10 @@ def run_demo(workdir: str, settings: DemoSettings = DemoSettings()) -> dict:
 
   _banner("1/4 stage 1: autoencoder")
   ae_result = _timed(timings, "stage1_s", train_autoencoder.train, ae_config, os.path.join(workdir, "autoencoder"))
+  _stop_if_preempted("stage 1", ae_result)
   _banner("2/4 stage 2: text-conditional latent diffusion model")
   ldm_result = _timed(timings, "stage2_s", train_ldm.train, ldm_config, os.path.join(workdir, "ldm"))
+  _stop_if_preempted("stage 2", ldm_result)
 
   _banner("3/4 sampling held-out and seen prompts")
   pipeline = load_pipeline(os.path.join(workdir, "ldm"))

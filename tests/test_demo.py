@@ -5,14 +5,15 @@ meaningless; the full-size figures are in the README.)"""
 
 import json
 import os
+import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from ldm_jax.data import captioned_shapes as shapes
-from ldm_jax.demo import (GRID_FILE, RESULTS_FILE, SIZE_NAMES, DemoSettings, demo_configs, first_stage_round_trip,
-                          judged_prompts, run_demo)
+from ldm_jax.demo import (GRID_FILE, RESULTS_FILE, SIZE_NAMES, DemoPreempted, DemoSettings, demo_configs,
+                          first_stage_round_trip, judged_prompts, run_demo)
 from ldm_jax.evaluation import shapes_judge
 from ldm_jax.training.first_stage_io import load_first_stage
 
@@ -100,3 +101,16 @@ def test_rerun_resumes_without_training_again(demo_run):
   assert second["autoencoder"]["val_psnr_db"] == pytest.approx(first["autoencoder"]["val_psnr_db"], abs=1e-4)
   # Same weights, same seeds, deterministic sampler: the same judgement.
   assert second["heldout_prompts"]["per_pair"] == first["heldout_prompts"]["per_pair"]
+
+
+def test_a_preempted_stage_stops_the_demo_before_sampling(tmp_path, monkeypatch):
+  # SIGTERM during a stage makes its train() return preempted (tests/test_training_loop.py);
+  # the demo must then stop rather than sample and judge a half-trained model.
+  from ldm_jax.training import train_autoencoder, train_ldm
+
+  monkeypatch.setattr(train_autoencoder, "train", lambda config, workdir: types.SimpleNamespace(
+      preempted=False, step=10))
+  monkeypatch.setattr(train_ldm, "train", lambda config, workdir: types.SimpleNamespace(preempted=True, step=7))
+  with pytest.raises(DemoPreempted, match=r"stage 2 was stopped \(SIGTERM\) at step 7.*run the same command"):
+    run_demo(str(tmp_path), SETTINGS)
+  assert not os.path.exists(tmp_path / RESULTS_FILE) and not os.path.exists(tmp_path / GRID_FILE)
