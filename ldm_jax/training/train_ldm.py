@@ -28,7 +28,7 @@ from ldm_jax.pipeline import LDMPipeline
 from ldm_jax.training import latent_cache, ldm_step
 from ldm_jax.training.eval_hook import make_eval_hook
 from ldm_jax.models.first_stage import make_first_stage
-from ldm_jax.training.first_stage_copy import save_first_stage_copy
+from ldm_jax.training.first_stage_copy import copy_differs, save_first_stage_copy
 from ldm_jax.training.first_stage_io import load_first_stage
 from ldm_jax.training.loop import Hook, LoopConfig, TrainResult, train_loop
 from ldm_jax.training.mesh import batch_sharding, check_batch_size, make_mesh
@@ -165,6 +165,23 @@ def _encode_decode(module, x):
   return module.decode(z.mean if hasattr(z, "mean") else z)
 
 
+def _latent_cache_path(workdir: str) -> str:
+  return os.path.join(workdir, "latent_cache", f"process_{jax.process_index()}.npz")
+
+
+def _forget_old_first_stage(workdir: str, what: str, source: str) -> None:
+  """The run's first stage changed: refuse if stage 2 has trained on the old one, else drop its latents."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
+    raise ValueError(
+        f"{workdir} holds stage-2 checkpoints trained on another first stage: the one it saved and {source} "
+        f"differ in their {what}. Resuming would mix two latent spaces; train stage 2 in a new workdir, or "
+        "point first_stage.checkpoint at the first stage it was trained on.")
+  logging.info("first stage changed (%s): rebuilding the latent cache", what)
+  if os.path.exists(_latent_cache_path(workdir)):
+    os.remove(_latent_cache_path(workdir))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains (or resumes) the stage-2 model of ``config`` in ``workdir``."""
   # Mesh.
@@ -174,6 +191,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   # First stage, frozen.
   fs_variables, fs_config, fs_scale = resolve_first_stage(config.first_stage, config.data.image_size)
   scale_factor = config.first_stage.scale_factor if config.first_stage.scale_factor > 0 else fs_scale
+  changed = copy_differs(os.path.join(workdir, "first_stage"), fs_variables, fs_config, scale_factor)
+  if changed:
+    _forget_old_first_stage(workdir, changed, config.first_stage.checkpoint or "the configured first stage")
   if jax.process_index() == 0:
     save_first_stage_copy(os.path.join(workdir, "first_stage"), fs_variables, fs_config, scale_factor)
 
@@ -199,7 +219,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     one_pass = make_iterator(config.data, config.data.train_split, global_batch_size=config.train.batch_size,
                              seed=config.seed, tokenizer=tokenizer, shuffle=False, num_epochs=1, drop_remainder=False)
     cache = latent_cache.build_latent_cache(
-        model, frozen, one_pass, prepare, os.path.join(workdir, "latent_cache", f"process_{jax.process_index()}.npz"))
+        model, frozen, one_pass, prepare, _latent_cache_path(workdir))
     iterator = latent_cache.cached_iterator(cache, per_process, config.seed)
     prepare = lambda b: b  # noqa: E731  (the cache already holds prepared fields)
   sharding = batch_sharding(mesh)
