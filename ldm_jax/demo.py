@@ -19,6 +19,7 @@ Everything lands in the run folder: ``autoencoder/``, ``ldm/`` (checkpoints,
 metrics, sample grids), ``heldout_samples.png``, ``demo_results.json``.
 """
 
+import ast
 import dataclasses
 import json
 import os
@@ -64,15 +65,35 @@ class DemoSettings:
   ldm_overrides: tuple[tuple[str, object], ...] = ()
 
 
+def parse_override(text: str) -> tuple[str, object]:
+  """``"train.num_steps=10000"`` -> ``("train.num_steps", 10000)``.
+
+  The value is read as a Python literal (numbers, tuples, quoted strings);
+  anything else is taken as a bare string, so ``optim.schedule=constant`` works.
+  """
+  key, sep, value = text.partition("=")
+  if not sep or not key:
+    raise ValueError(f"expected KEY=VALUE (e.g. train.num_steps=5000), got {text!r}")
+  try:
+    return key.strip(), ast.literal_eval(value.strip())
+  except (ValueError, SyntaxError):
+    return key.strip(), value.strip()
+
+
 def _override(config: ml_collections.ConfigDict, overrides) -> None:
   for key, value in overrides:
     node = config
     *parents, leaf = key.split(".")
     for p in parents:
+      if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+        raise KeyError(f"unknown config key {key!r}")
       node = node[p]
     if leaf not in node:
       raise KeyError(f"unknown config key {key!r}")
-    node[leaf] = value
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise TypeError(f"config key {key!r} holds {type(node[leaf]).__name__}, not {value!r}") from e
 
 
 def demo_configs(workdir: str, settings: DemoSettings) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:

@@ -4,16 +4,19 @@ rerun resumes instead of retraining. (The figures of a tiny run are
 meaningless; the full-size figures are in the README.)"""
 
 import json
+import dataclasses
 import os
+import shutil
 import types
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from ldm_jax.data import captioned_shapes as shapes
 from ldm_jax.demo import (GRID_FILE, RESULTS_FILE, SIZE_NAMES, DemoPreempted, DemoSettings, demo_configs,
-                          first_stage_round_trip, judged_prompts, run_demo)
+                          first_stage_round_trip, judged_prompts, parse_override, run_demo)
 from ldm_jax.evaluation import shapes_judge
 from ldm_jax.training.first_stage_io import load_first_stage
 
@@ -48,6 +51,20 @@ def test_stage2_follows_the_first_stage_it_is_given(tmp_path):
   assert ldm.data.shapes.max_objects == 2  # overrides come last
   with pytest.raises(KeyError, match="unknown config key 'train.steps'"):
     demo_configs(str(tmp_path), DemoSettings(ldm_overrides=(("train.steps", 1),)))
+  with pytest.raises(KeyError, match="unknown config key 'trian.num_steps'"):
+    demo_configs(str(tmp_path), DemoSettings(ldm_overrides=(("trian.num_steps", 1),)))
+  with pytest.raises(TypeError, match="'train.num_steps' holds int, not 'many'"):
+    demo_configs(str(tmp_path), DemoSettings(ldm_overrides=(parse_override("train.num_steps=many"),)))
+
+
+def test_command_line_overrides_are_literals_or_bare_strings():
+  assert parse_override("train.num_steps=10000") == ("train.num_steps", 10000)
+  assert parse_override("optim.learning_rate=2e-3") == ("optim.learning_rate", 2e-3)
+  assert parse_override("unet.channel_mult=(1, 2, 4)") == ("unet.channel_mult", (1, 2, 4))
+  assert parse_override("optim.schedule=constant") == ("optim.schedule", "constant")
+  assert parse_override("sample.prompts=('a red circle',)") == ("sample.prompts", ("a red circle",))
+  with pytest.raises(ValueError, match="expected KEY=VALUE"):
+    parse_override("train.num_steps")
 
 
 def test_demo_writes_report_grid_and_checkpoints(demo_run):
@@ -114,3 +131,41 @@ def test_a_preempted_stage_stops_the_demo_before_sampling(tmp_path, monkeypatch)
   with pytest.raises(DemoPreempted, match=r"stage 2 was stopped \(SIGTERM\) at step 7.*run the same command"):
     run_demo(str(tmp_path), SETTINGS)
   assert not os.path.exists(tmp_path / RESULTS_FILE) and not os.path.exists(tmp_path / GRID_FILE)
+
+
+def test_a_rerun_with_more_stage2_steps_continues_it(demo_run, tmp_path):
+  workdir, first = demo_run
+  longer = str(tmp_path / "longer")
+  shutil.copytree(workdir, longer)
+  steps = first["ldm"]["steps"] + 2
+  report = run_demo(longer, dataclasses.replace(SETTINGS, ldm_overrides=(("train.num_steps", steps),)))
+  assert report["ldm"]["steps"] == steps
+  assert report["autoencoder"]["steps"] == first["autoencoder"]["steps"]  # stage 1 not retrained
+  with open(os.path.join(longer, "ldm", "metrics.jsonl")) as f:
+    logged = [json.loads(line)["step"] for line in f]
+  assert max(logged) == steps and min(logged) >= 1  # continued, not restarted
+
+
+def test_stage2_refuses_to_resume_on_another_first_stage(demo_run, tmp_path):
+  from ldm_jax.training import train_ldm
+  from ldm_jax.training.first_stage_copy import load_first_stage_copy, save_first_stage_copy
+
+  workdir, _ = demo_run
+  moved = str(tmp_path / "run")
+  shutil.copytree(workdir, moved)
+  ldm_config = demo_configs(moved, SETTINGS)[1]
+  # Stand-in for an autoencoder trained further after stage 2 started: the run's copy no longer matches.
+  copy_dir = os.path.join(moved, "ldm", "first_stage")
+  _, variables, scale, fs_config = load_first_stage_copy(copy_dir)
+  nudged = jax.tree.map(lambda a: np.asarray(a) + 1e-3, variables)
+  save_first_stage_copy(copy_dir, nudged, fs_config, scale)
+  with pytest.raises(ValueError, match="trained on another first stage: the one it saved and .* differ in their weights"):
+    train_ldm.train(ldm_config, os.path.join(moved, "ldm"))
+  # Without checkpoints there is nothing to protect: stage 2 starts over, and drops latents cached from the old one.
+  save_first_stage_copy(copy_dir, nudged, fs_config, scale * 2)
+  shutil.rmtree(os.path.join(moved, "ldm", "checkpoints"))
+  stale_cache = os.path.join(moved, "ldm", "latent_cache", "process_0.npz")
+  os.makedirs(os.path.dirname(stale_cache))
+  np.savez(stale_cache, latent_mean=np.ones((2, 4, 4, 3), np.float32))
+  result = train_ldm.train(ldm_config, os.path.join(moved, "ldm"))
+  assert result.step == ldm_config.train.num_steps and not os.path.exists(stale_cache)
