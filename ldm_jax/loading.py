@@ -70,6 +70,10 @@ def _load_run_dir(path: str, *, use_ema: bool, mesh, compute_dtype: str | None):
   init = ldm_step.make_init_fn(model, tx, step_config(config), example, frozen,
                                (1, side, side, model.latent_channels))
   abstract = jax.eval_shape(init, jax.random.key(0))
+  # Onto one local device, whatever devices saved it (the demo trains on two CPU devices, sample.py
+  # may run on one); the pipeline then places the weights on its own mesh.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = ckpt_lib.abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
   state, _ = checkpointer.restore(step, abstract)
   checkpointer.close()
   params = state.ema_params if (use_ema and state.ema_params is not None) else state.params

@@ -7,6 +7,8 @@ calling them here shares compiled programs with the rest of the module.
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -182,3 +184,31 @@ def test_weights_on_one_device_sample_over_the_whole_mesh(pipeline):
     np.testing.assert_array_equal(pipeline.text_to_image(PROMPTS, sampler=sampler, seed=3), expected)
   finally:
     pipeline.params, pipeline.frozen = params, frozen
+
+
+# The suite's shared run was trained (and checkpointed) on this process's 8 devices; sample.py
+# usually runs on one. Loading restores onto whatever devices there are.
+_SAMPLE_ON_ONE_DEVICE = """
+import sys
+import jax
+jax.config.update("jax_default_prng_impl", "rbg")  # as conftest: the same initial noise
+import numpy as np
+from ldm_jax.diffusion.config import SamplerConfig
+from ldm_jax.loading import load_pipeline
+assert jax.device_count() == 1
+images = load_pipeline(sys.argv[1]).text_to_image([sys.argv[2]], sampler=SamplerConfig("ddim", int(sys.argv[3])), seed=0)
+np.save(sys.argv[4], images)
+"""
+
+
+def test_a_run_saved_on_eight_devices_samples_on_one(run_dir, pipeline, tmp_path):
+  out_file = str(tmp_path / "images.npy")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-c", _SAMPLE_ON_ONE_DEVICE, run_dir, PROMPTS[0], str(STEPS), out_file],
+                       env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  on_one = np.load(out_file)
+  here = pipeline.text_to_image(PROMPTS[:1], sampler=SamplerConfig("ddim", STEPS), seed=0)
+  assert jax.device_count() == 8 and on_one.shape == here.shape == (1, SIZE, SIZE, 3)
+  # The same image (each image's noise depends on its index only), up to float rounding across device counts.
+  assert np.abs(on_one.astype(int) - here.astype(int)).max() <= 1
