@@ -32,7 +32,7 @@ def main(argv):
         ldm_overrides=tuple(parse_override(o) for o in _LDM.value))
     ae_config, _ = demo_configs(_WORKDIR.value, settings)  # fails on a bad key before anything trains
   except (KeyError, TypeError, ValueError) as e:
-    raise app.UsageError(str(e)) from None
+    raise app.UsageError(e.args[0] if e.args else str(e)) from None  # str(KeyError) would add quotes
   # One process runs both stages, so the stage-1 config's device split serves the whole demo.
   setup_runtime(compilation_cache_dir="~/.cache/ldm_jax/xla", cpu_devices=ae_config.mesh.cpu_devices)
   try:
