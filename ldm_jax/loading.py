@@ -15,7 +15,6 @@ import numpy as np
 from ldm_jax.training import checkpoint as ckpt_lib
 from ldm_jax.training import ldm_step
 from ldm_jax.training.first_stage_copy import load_first_stage_copy
-from ldm_jax.training.optim import make_optimizer
 
 
 def is_run_dir(path: str) -> bool:
@@ -63,20 +62,20 @@ def _load_run_dir(path: str, *, use_ema: bool, mesh, compute_dtype: str | None):
   if model.cond_key is not None and not model.cond_stage.trainable:
     frozen["cond"] = model.cond_stage.init(jax.random.key(0), np.zeros((1, max_length), np.int32))
 
-  # Rebuild the train state's structure (abstractly) so orbax can restore it.
-  tx, _ = make_optimizer(config.optim, config.train.num_steps, config.train.batch_size)
+  # Only the weights sampling uses are read (not the other set nor Adam's two moments: three
+  # quarters of the state), onto one local device whatever devices saved them (the demo trains on two
+  # CPU devices, sample.py may run on one); the pipeline then places them on its own mesh.
   example = example_inputs(model, config)
   side = config.data.image_size // model.downsample_factor
-  init = ldm_step.make_init_fn(model, tx, step_config(config), example, frozen,
-                               (1, side, side, model.latent_channels))
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  # Onto one local device, whatever devices saved it (the demo trains on two CPU devices, sample.py
-  # may run on one); the pipeline then places the weights on its own mesh.
+  cond_shapes = ldm_step.conditioning_shapes(model, example, frozen)
+  abstract = jax.eval_shape(
+      lambda rng: ldm_step.init_params(model, rng, example, cond_shapes, (1, side, side, model.latent_channels)),
+      jax.random.key(0),
+  )
+  key = "ema_params" if use_ema and step_config(config).ema_decay > 0 else "params"
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = ckpt_lib.abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
-  state, _ = checkpointer.restore(step, abstract)
+  params = ckpt_lib.restore_subtree(checkpointer.directory, step, (key,), abstract, device, what=f"the LDM's {key}")
   checkpointer.close()
-  params = state.ema_params if (use_ema and state.ema_params is not None) else state.params
   return LDMPipeline(
       model, params, frozen, schedule_from_config(config.diffusion), tokenizer, max_length,
       config.diffusion.prediction_type, config.data.image_size, mesh,

@@ -212,3 +212,19 @@ def test_a_run_saved_on_eight_devices_samples_on_one(run_dir, pipeline, tmp_path
   assert jax.device_count() == 8 and on_one.shape == here.shape == (1, SIZE, SIZE, 3)
   # The same image (each image's noise depends on its index only), up to float rounding across device counts.
   assert np.abs(on_one.astype(int) - here.astype(int)).max() <= 1
+
+
+def test_loaded_weights_are_exactly_the_saved_ema_or_raw_params(run_dir, pipeline):
+  """Loading reads one weight set out of the checkpoint (not Adam's moments): the
+  one asked for, bit for bit."""
+  import orbax.checkpoint as ocp
+
+  steps = sorted(int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit())
+  saved = ocp.PyTreeCheckpointer().restore(os.path.join(run_dir, "checkpoints", str(steps[-1]), "state"))
+  ema_leaves, raw_leaves = jax.tree.leaves(saved["ema_params"]), jax.tree.leaves(saved["params"])
+  assert any(not np.array_equal(e, r) for e, r in zip(ema_leaves, raw_leaves))  # the two sets are told apart
+  raw = load_pipeline(run_dir, use_ema=False).params
+  for got, want in ((pipeline.params, ema_leaves), (raw, raw_leaves)):
+    assert len(jax.tree.leaves(got)) == len(want)
+    for g, w in zip(jax.tree.leaves(got), want):
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

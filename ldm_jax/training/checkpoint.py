@@ -156,3 +156,47 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
   return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
   )
+
+
+def restore_subtree(
+    directory: str, step: int, path: tuple[str, ...], abstract: Any, sharding: jax.sharding.Sharding, *, what: str
+) -> Any:
+  """Only ``state[path[0]][path[1]]...`` of checkpoint ``step`` in ``directory``.
+
+  ``abstract`` gives the subtree's structure and shapes; every other array of
+  the checkpoint (optimiser moments, a discriminator, ...) stays on disk, so
+  reading a model's weights for sampling needs memory for the weights alone.
+  A subtree of another shape fails with one error naming every mismatched
+  array (``what`` says whose arrays they are).
+  """
+  manager = ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+  )
+  try:
+    stored = manager.item_metadata(step)["state"]
+    stored = getattr(stored, "tree", stored)
+    for key in path:
+      stored = stored[key]
+    problems = mismatch_lines(abstract, stored)
+    if problems:
+      raise CheckpointMismatchError(
+          f"{what} in checkpoint {step} of {directory} does not match the model config "
+          f"({len(problems)} arrays):\n  " + "\n  ".join(problems)
+      )
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
+    for key in reversed(path):
+      target = {key: target}
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        ),
+    )["state"]
+  finally:
+    manager.close()
+  for key in path:
+    restored = restored[key]
+  return restored

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.first_stage import make_first_stage
 from ldm_jax.models.vq import VQModel
-from ldm_jax.training.checkpoint import Checkpointer, CheckpointMismatchError, mismatch_lines
+from ldm_jax.training.checkpoint import Checkpointer, restore_subtree
 
 # Where the autoencoder's params sit in the stage-1 state (Stage1State.params["ae"]).
 AE_PARAMS_PATH = ("params", "ae")
@@ -108,21 +108,10 @@ def _load_run(run_dir, model_config, step, sharding):
       )
     model_config = dict(model_config if model_config is not None else meta["model"])
     model = make_first_stage(model_config)
-    abstract = _abstract_params(model)
-    stored = manager.item_metadata(step)["state"]
-    _check_fits(abstract, _subtree(getattr(stored, "tree", stored), AE_PARAMS_PATH), step, ckpt_dir)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = _nest(AE_PARAMS_PATH, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract))
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-        ),
-    )["state"]
   finally:
     manager.close()
-  params = _subtree(restored, AE_PARAMS_PATH)
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  params = restore_subtree(ckpt_dir, step, AE_PARAMS_PATH, _abstract_params(model), sharding, what="the first stage")
   return model, {"params": params}, float(meta["scale_factor"]), model_config
 
 
@@ -134,23 +123,7 @@ def _abstract_params(model: AutoencoderKL | VQModel) -> Any:
   return jax.eval_shape(lambda rng, x: model.init(rng, x, **kw), jax.random.key(0), x)["params"]
 
 
-def _subtree(tree: Any, path: tuple[str, ...]) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
 def _nest(path: tuple[str, ...], leaf: Any) -> dict:
   for key in reversed(path):
     leaf = {key: leaf}
   return leaf
-
-
-def _check_fits(abstract: Any, stored: Any, step: int, ckpt_dir: str) -> None:
-  """One error naming every array that is missing, extra or of another shape."""
-  problems = mismatch_lines(abstract, stored)
-  if problems:
-    raise CheckpointMismatchError(
-        f"the first stage in checkpoint {step} of {ckpt_dir} does not match the model config "
-        f"({len(problems)} arrays):\n  " + "\n  ".join(problems)
-    )
