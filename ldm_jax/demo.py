@@ -60,7 +60,7 @@ class DemoSettings:
   num_steps: int = 50
   guidance_scale: float = 6.0  # measured: 3.0 gave 46.9% / 28.1% held-out colour / shape, 6.0 54.2% / 30.2%
   seed: int = 0
-  judge_steps: int = 500
+  judge_steps: int = 600
   ae_overrides: tuple[tuple[str, object], ...] = ()  # ("train.num_steps", 100), ...
   ldm_overrides: tuple[tuple[str, object], ...] = ()
 

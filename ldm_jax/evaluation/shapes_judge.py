@@ -90,8 +90,15 @@ def fresh_renders(image_size: int, seed: int):
   return render_single_objects(ALL_PAIRS, 5, image_size, seed + 2)
 
 
-def train_judge(image_size: int = 64, *, steps: int = 500, batch: int = 64, per_pair: int = 40, seed: int = 0) -> TrainedJudge:
-  """Trains on renders of every pair; reports accuracy on fresh renders."""
+def train_judge(image_size: int = 64, *, steps: int = 600, batch: int = 64, per_pair: int = 150, seed: int = 0) -> TrainedJudge:
+  """Trains on renders of every pair; reports accuracy on fresh renders.
+
+  More renders, not more steps, make it exact. Measured at 64x64, shape
+  accuracy on its 180 fresh renders (small circles and hexagons differ by
+  about a pixel): 500 steps on 40 renders per pair 92.2% (it took most small
+  circles for hexagons), 2000 steps on 40 per pair 97.8%, 600 steps on 150
+  per pair 100% (190 s on the 2-core CPU).
+  """
   images, colours, kinds = render_single_objects(ALL_PAIRS, per_pair, image_size, seed)
   model = ShapesJudge()
   params = model.init(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))
