@@ -172,7 +172,12 @@ def restore_subtree(
   manager = ocp.CheckpointManager(
       directory,
       options=ocp.CheckpointManagerOptions(create=False),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+      # All of a step's items, so orbax does not warn about the ones left unread.
+      item_handlers={
+          "state": ocp.PyTreeCheckpointHandler(),
+          "data": grain.checkpoint.CheckpointHandler(),
+          "meta": ocp.JsonCheckpointHandler(),
+      },
   )
   try:
     stored = manager.item_metadata(step)["state"]
