@@ -32,6 +32,7 @@ _STRENGTH = flags.DEFINE_float("strength", None, "Image-to-image strength in [0,
 _MASK = flags.DEFINE_string("mask", None, "Inpainting mask image: white = repaint, black = keep.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Images per sampler call.")
 _DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype override, e.g. bfloat16 on TPU/GPU.")
+_NO_EMA = flags.DEFINE_bool("no_ema", False, "Sample the raw weights instead of their EMA (runs, original SD files).")
 _OUTPUT = flags.DEFINE_string("output", "samples", "Output directory.")
 
 
@@ -44,7 +45,7 @@ def main(argv):
       class_labels=list(_CLASS.value), negative_prompt=_NEGATIVE.value, num=_NUM.value, steps=_STEPS.value,
       sampler=_SAMPLER.value, eta=_ETA.value, guidance=_GUIDANCE.value, seed=_SEED.value, height=_HEIGHT.value,
       width=_WIDTH.value, init_image=_INIT.value, strength=_STRENGTH.value, mask=_MASK.value,
-      batch_size=_BATCH.value, dtype=_DTYPE.value, output=_OUTPUT.value,
+      batch_size=_BATCH.value, dtype=_DTYPE.value, use_ema=not _NO_EMA.value, output=_OUTPUT.value,
   )
   try:
     request.validate()

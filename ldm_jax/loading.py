@@ -27,6 +27,9 @@ def load_pipeline(path: str, *, use_ema: bool = True, mesh=None, compute_dtype: 
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
   if is_run_dir(path):
     return _load_run_dir(path, use_ema=use_ema, mesh=mesh, compute_dtype=compute_dtype)
+  if not use_ema and os.path.isdir(path):  # converted and diffusers folders keep one UNet
+    raise ValueError(f"{path} holds one set of weights: use_ema=False (--no_ema) applies to training runs "
+                     "and to original files with both the raw and the EMA UNet")
   from ldm_jax.interop import orbax_format
 
   if orbax_format.is_orbax_pipeline(path):

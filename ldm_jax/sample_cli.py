@@ -32,6 +32,7 @@ class SampleRequest:
   mask: str | None = None
   batch_size: int = 16
   dtype: str | None = None
+  use_ema: bool = True
   output: str = "samples"
 
   def validate(self) -> None:
@@ -88,7 +89,7 @@ def run(request: SampleRequest) -> list[str]:
 
   from ldm_jax.loading import load_pipeline
 
-  pipeline = load_pipeline(request.checkpoint, compute_dtype=request.dtype)
+  pipeline = load_pipeline(request.checkpoint, use_ema=request.use_ema, compute_dtype=request.dtype)
   model = pipeline.model
   height, width = request.height or pipeline.image_size, request.width or pipeline.image_size
   f = model.downsample_factor

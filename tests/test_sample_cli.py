@@ -71,9 +71,9 @@ def prompt_runs(run_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp("prompts")
   common = dict(checkpoint=run_dir, prompts=list(PROMPTS), steps=STEPS, guidance=3.0)
   outs = {}
-  for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+  for name, seed, use_ema in (("a", 7, True), ("b", 7, True), ("c", 8, True), ("raw", 7, False)):
     outs[name] = str(root / name)
-    _sample(seed=seed, output=outs[name], **common)
+    _sample(seed=seed, use_ema=use_ema, output=outs[name], **common)
   return outs
 
 
@@ -106,6 +106,22 @@ def test_same_seed_same_pixels_other_seed_other_pixels(prompt_runs):
   # Different prompts with the same seed differ too (the prompt is used).
   a0, a1 = (_read(os.path.join(prompt_runs["a"], n)) for n in ("00000.png", "00001.png"))
   assert np.abs(a0.astype(int) - a1.astype(int)).mean() > 1.0
+
+
+def test_no_ema_refused_for_a_folder_with_one_weight_set(tmp_path):
+  with pytest.raises(ValueError, match="holds one set of weights"):
+    load_pipeline(str(tmp_path), use_ema=False)
+
+
+def test_no_ema_samples_the_raw_weights(prompt_runs):
+  """--no_ema: same seed and prompts as run "a" (which run "b" repeats pixel for pixel), other
+  weights, so other pixels; the choice is recorded. The tiny run's EMA is close to its raw
+  weights (a few steps), so the images differ slightly: any difference is the weights'."""
+  with open(os.path.join(prompt_runs["raw"], "samples.json")) as f:
+    assert [r["use_ema"] for r in json.load(f)] == [False, False]
+  for name in ("00000.png", "00001.png"):
+    ema, raw = (_read(os.path.join(prompt_runs[k], name)) for k in ("a", "raw"))
+    assert not np.array_equal(ema, raw)
 
 
 def test_strength_zero_returns_the_init_image_round_trip(run_dir, init_image, round_trip, tmp_path):
