@@ -61,6 +61,7 @@ class DemoSettings:
   guidance_scale: float = 6.0  # measured: 3.0 gave 46.9% / 28.1% held-out colour / shape, 6.0 54.2% / 30.2%
   seed: int = 0
   judge_steps: int = 600
+  judge_renders_per_pair: int = 150  # training renders of each colour-shape pair (see train_judge)
   ae_overrides: tuple[tuple[str, object], ...] = ()  # ("train.num_steps", 100), ...
   ldm_overrides: tuple[tuple[str, object], ...] = ()
 
@@ -178,7 +179,7 @@ def run_demo(workdir: str, settings: DemoSettings = DemoSettings()) -> dict:
   _banner("4/4 judging colour and shape")
   image_size = ae_config.data.image_size
   judge = _timed(timings, "judge_training_s", shapes_judge.train_judge, image_size,
-                 steps=settings.judge_steps, seed=settings.seed)
+                 steps=settings.judge_steps, per_pair=settings.judge_renders_per_pair, seed=settings.seed)
   first_stage_colour, first_stage_shape = _timed(
       timings, "first_stage_check_s", first_stage_accuracy, judge, os.path.join(workdir, "autoencoder"),
       image_size, settings.seed)
@@ -202,6 +203,7 @@ def run_demo(workdir: str, settings: DemoSettings = DemoSettings()) -> dict:
           "first_stage_colour_accuracy": first_stage_colour,
           "first_stage_shape_accuracy": first_stage_shape,
           "training_steps": settings.judge_steps,
+          "renders_per_pair": settings.judge_renders_per_pair,
       },
       "heldout_prompts": results["heldout"],
       "seen_prompts": results["seen"],

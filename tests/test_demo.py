@@ -20,7 +20,8 @@ from ldm_jax.demo import (GRID_FILE, RESULTS_FILE, SIZE_NAMES, DemoPreempted, De
 from ldm_jax.evaluation import shapes_judge
 from ldm_jax.training.first_stage_io import load_first_stage
 
-SETTINGS = DemoSettings(tiny=True, images_per_prompt=1, seen_images_per_pair=1, num_steps=3, judge_steps=5)
+SETTINGS = DemoSettings(tiny=True, images_per_prompt=1, seen_images_per_pair=1, num_steps=3, judge_steps=5,
+                        judge_renders_per_pair=10)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,8 @@ def test_first_stage_accuracy_is_the_judges_on_decoded_renders(demo_run):
   decoded = model.apply(variables, model.apply(variables, images, method=model.encode).mean, method=model.decode)
   expected = np.clip(np.asarray(decoded, np.float64), -1.0, 1.0)
   np.testing.assert_allclose(round_trip, expected, atol=0.5 / 127.5 + 1e-5)  # uint8 rounding only
-  judge = shapes_judge.train_judge(image_size, steps=SETTINGS.judge_steps, seed=SETTINGS.seed)  # deterministic
+  judge = shapes_judge.train_judge(image_size, steps=SETTINGS.judge_steps, per_pair=SETTINGS.judge_renders_per_pair,
+                                   seed=SETTINGS.seed)  # deterministic
   assert (report["judge"]["first_stage_colour_accuracy"], report["judge"]["first_stage_shape_accuracy"]) == \
       judge.accuracy(round_trip, colours, kinds)
 
