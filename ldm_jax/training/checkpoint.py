@@ -158,6 +158,13 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
   )
 
 
+def nest(path: tuple[str, ...], leaf: Any) -> dict:
+  """``leaf`` placed at ``path`` in otherwise empty dicts: ``nest(("a", "b"), x) == {"a": {"b": x}}``."""
+  for key in reversed(path):
+    leaf = {key: leaf}
+  return leaf
+
+
 def restore_subtree(
     directory: str, step: int, path: tuple[str, ...], abstract: Any, sharding: jax.sharding.Sharding, *, what: str
 ) -> Any:
@@ -190,9 +197,7 @@ def restore_subtree(
           f"{what} in checkpoint {step} of {directory} does not match the model config "
           f"({len(problems)} arrays):\n  " + "\n  ".join(problems)
       )
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
-    for key in reversed(path):
-      target = {key: target}
+    target = nest(path, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract))
     restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
     restored = manager.restore(
         step,

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.first_stage import make_first_stage
 from ldm_jax.models.vq import VQModel
-from ldm_jax.training.checkpoint import Checkpointer, restore_subtree
+from ldm_jax.training.checkpoint import Checkpointer, nest, restore_subtree
 
 # Where the autoencoder's params sit in the stage-1 state (Stage1State.params["ae"]).
 AE_PARAMS_PATH = ("params", "ae")
@@ -72,7 +72,7 @@ def save_first_stage(
   ckpt_dir = os.path.join(os.path.abspath(os.fspath(run_dir)), "checkpoints")
   checkpointer = Checkpointer(ckpt_dir, async_save=False)
   try:
-    checkpointer.save(step, _nest(AE_PARAMS_PATH, params), meta=first_stage_meta(model_config, scale_factor))
+    checkpointer.save(step, nest(AE_PARAMS_PATH, params), meta=first_stage_meta(model_config, scale_factor))
   finally:
     checkpointer.close()
   return ckpt_dir
@@ -121,9 +121,3 @@ def _abstract_params(model: AutoencoderKL | VQModel) -> Any:
   x = jax.ShapeDtypeStruct((1, size, size, model.ddconfig.get("in_channels", 3)), jax.numpy.float32)
   kw = {"sample_posterior": False} if isinstance(model, AutoencoderKL) else {}
   return jax.eval_shape(lambda rng, x: model.init(rng, x, **kw), jax.random.key(0), x)["params"]
-
-
-def _nest(path: tuple[str, ...], leaf: Any) -> dict:
-  for key in reversed(path):
-    leaf = {key: leaf}
-  return leaf
