@@ -22,6 +22,7 @@ from ldm_jax.diffusion.config import SamplerConfig
 from ldm_jax.diffusion.driver import sample as run_sampler
 from ldm_jax.diffusion.schedules import DiffusionSchedule
 from ldm_jax.models.latent_diffusion import LatentDiffusion, nearest_downsample
+from ldm_jax.training.distributed import compile_in_lockstep
 from ldm_jax.training.mesh import BATCH_AXES, data_parallel_size
 
 
@@ -185,14 +186,17 @@ class LDMPipeline:
     k_sample = jax.random.fold_in(jax.random.split(rng)[1], first_index)  # stochastic samplers
     # Kept placed, so weights that arrived elsewhere cross the host once, not on every call.
     self.params, self.frozen = _on_mesh((self.params, self.frozen), self.mesh)
-    images = self._program(
+    args = (
         self.params, self.frozen, put(host), put(uncond_inputs) if guided else None, x_T, k_sample,
         jnp.float32(guidance_scale), jnp.float32(eta),
         put(np.asarray(init_images, np.float32)) if init_images is not None else None,
         put(mask[..., None]) if (mask is not None and self.model.concat_kind != "inpaint") else None,
-        sampler_config=sampler, strength=strength, guided=guided,
-        blend=mask is not None and self.model.concat_kind != "inpaint",
     )
+    static = dict(sampler_config=sampler, strength=strength, guided=guided,
+                  blend=mask is not None and self.model.concat_kind != "inpaint")
+    if jax.process_count() > 1:  # the processes' compiles may end far apart; start the run together
+      compile_in_lockstep(self._program, *args, name="sample", **static)
+    images = self._program(*args, **static)
     images = multihost_utils.process_allgather(images, tiled=True)[:n]
     if output_type == "float":
       return (np.asarray(images, np.float32) + 1.0) / 2.0

@@ -35,10 +35,6 @@ def main(process_id: int, port: int, workdir: str, num_steps: int, cache_dir: st
                 process_id=process_id)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   assert jax.process_count() == 2 and jax.local_device_count() == 4 and jax.device_count() == 8
-  # Gloo sets up its context over all 8 devices at the first collective and
-  # gives up after 30 s; do that now, while both processes are in step, not
-  # after compiles that may finish far apart on a loaded machine.
-  multihost_utils.sync_global_devices("start")
 
   config = load_config("configs/ldm.py:shapes_class,tiny")
   config.mesh.shape = (2, 4, 1)

@@ -1,7 +1,9 @@
 """Joining JAX's multi-controller runtime on TPU pods and GPU clusters."""
 
+import itertools
 import logging
 import os
+from typing import Any
 
 import jax
 
@@ -59,3 +61,36 @@ def maybe_initialize(
     return False
   logging.info("process %d of %d, %d local devices", jax.process_index(), jax.process_count(), jax.local_device_count())
   return True
+
+
+_barrier_serial = itertools.count()
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+  """Blocks until every process of the job has reached this point (no-op in
+  a single-process run).
+
+  It waits on JAX's coordination service, not on a device collective, so it
+  needs no communicator and has its own generous timeout. Every process must
+  pass the same barriers in the same order (the names carry a serial number).
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # private: the call JAX's own array serialization makes
+
+  barrier_id = f"ldm_jax/{name}/{next(_barrier_serial)}"
+  jax_distributed.global_state.client.wait_at_barrier(barrier_id, timeout_in_ms=int(timeout_s * 1000))
+
+
+def compile_in_lockstep(jitted: Any, *args: Any, name: str, **kwargs: Any) -> None:
+  """Compiles ``jitted`` for these arguments, then waits for every process.
+
+  Why: the first run of a program with cross-process collectives sets up its
+  communicator, and on CPU (gloo) that gives up after a fixed 30 s if a peer
+  has not arrived, while the same program's compiles can finish minutes
+  apart on a loaded host. The compiled executable lands in ``jitted``'s own
+  cache, so the next ``jitted(*args, **kwargs)`` starts at once, on every
+  process within moments of the others.
+  """
+  jitted.lower(*args, **kwargs).compile()
+  barrier(f"compiled/{name}")

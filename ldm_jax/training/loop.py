@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from ldm_jax.training import checkpoint as ckpt_lib
 from ldm_jax.training import partitioning
+from ldm_jax.training.distributed import compile_in_lockstep
 from ldm_jax.training.mesh import batch_sharding, replicated
 from ldm_jax.training.metrics_writer import MetricWriter
 
@@ -180,7 +181,9 @@ def train_loop(
     )
     logging.info("resumed from step %d", latest)
   else:
-    state = jax.jit(init_fn, out_shardings=shardings)(init_rng)
+    init = jax.jit(init_fn, out_shardings=shardings)
+    compile_in_lockstep(init, init_rng, name="init")
+    state = init(init_rng)
   start = int(jax.device_get(state.step))
 
   if frozen is not None:
@@ -226,7 +229,9 @@ def train_loop(
     step = start
     while step < cfg.num_steps:
       batch = next(batches)
-      jitted = jitted or jit_step(step_fn, mesh, shardings, batch, frozen)
+      if jitted is None:
+        jitted = jit_step(step_fn, mesh, shardings, batch, frozen)
+        compile_in_lockstep(jitted, state, batch, step_rng, frozen, name="train_step")
       state, metrics = jitted(state, batch, step_rng, frozen)
       step += 1
       steps_since += 1

@@ -26,6 +26,7 @@ from ldm_jax.pipeline import to_uint8
 from ldm_jax.reconstruct import ReconstructFn, latent_scale_factor, make_reconstruct_fn
 from ldm_jax.training import autoencoder_step as step_lib
 from ldm_jax.training.autoencoder_loss import Stage1LossConfig
+from ldm_jax.training.distributed import compile_in_lockstep
 from ldm_jax.training.first_stage_io import first_stage_meta
 from ldm_jax.training.loop import Hook, LoopConfig, train_loop
 from ldm_jax.training.mesh import batch_sharding, check_batch_size, make_mesh
@@ -90,7 +91,10 @@ class FixedImages:
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
   def run(self, fn: ReconstructFn, ae_params, lpips_params) -> dict[str, np.ndarray]:
-    outs = [self._gather(fn(ae_params, lpips_params, self._global(b))) for b in self.local_batches]
+    batches = [self._global(b) for b in self.local_batches]
+    if jax.process_count() > 1:  # the processes' compiles may end far apart; start the run together
+      compile_in_lockstep(fn, ae_params, lpips_params, batches[0], name="reconstruct")
+    outs = [self._gather(fn(ae_params, lpips_params, b)) for b in batches]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
