@@ -24,6 +24,8 @@ _STEPS = flags.DEFINE_integer("steps", 50, "Sampler steps.")
 _SAMPLER = flags.DEFINE_string("sampler", "ddim", "ddim | plms | pndm | dpmpp_2m | euler | euler_ancestral | ddpm")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta (0: deterministic).")
 _GUIDANCE = flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (1: off).")
+_GUIDANCE_INTERVAL = flags.DEFINE_list(
+    "guidance_interval", None, "LOW,HIGH: guide only at model timesteps LOW <= t <= HIGH (default: every step).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _HEIGHT = flags.DEFINE_integer("height", None, "Image height (default: the model's training size).")
 _WIDTH = flags.DEFINE_integer("width", None, "Image width (default: the model's training size).")
@@ -43,7 +45,8 @@ def main(argv):
   request = SampleRequest(
       checkpoint=_CHECKPOINT.value, prompts=list(_PROMPT.value), prompts_file=_PROMPTS_FILE.value,
       class_labels=list(_CLASS.value), negative_prompt=_NEGATIVE.value, num=_NUM.value, steps=_STEPS.value,
-      sampler=_SAMPLER.value, eta=_ETA.value, guidance=_GUIDANCE.value, seed=_SEED.value, height=_HEIGHT.value,
+      sampler=_SAMPLER.value, eta=_ETA.value, guidance=_GUIDANCE.value,
+      guidance_interval=_GUIDANCE_INTERVAL.value, seed=_SEED.value, height=_HEIGHT.value,
       width=_WIDTH.value, init_image=_INIT.value, strength=_STRENGTH.value, mask=_MASK.value,
       batch_size=_BATCH.value, dtype=_DTYPE.value, use_ema=not _NO_EMA.value, output=_OUTPUT.value,
   )

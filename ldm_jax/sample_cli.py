@@ -24,6 +24,7 @@ class SampleRequest:
   sampler: str = "ddim"
   eta: float = 0.0
   guidance: float = 7.5
+  guidance_interval: list | None = None  # [low, high] model timesteps (strings from the command line are fine)
   seed: int = 0
   height: int | None = None
   width: int | None = None
@@ -52,6 +53,8 @@ class SampleRequest:
       raise ValueError(f"unknown --sampler {self.sampler!r}; allowed: {', '.join(sorted(SAMPLERS))}")
     if self.num <= 0 or self.batch_size <= 0:
       raise ValueError("--num and --batch_size must be positive")
+    if self.guidance_interval is not None:
+      self.guidance_interval = _interval(self.guidance_interval)
     if self.strength is not None and not 0.0 <= self.strength <= 1.0:
       raise ValueError(f"--strength must be in [0, 1], got {self.strength}")
     if (self.strength is not None or self.mask) and not self.init_image:
@@ -65,6 +68,17 @@ class SampleRequest:
     if len(sizes) == 2 and sizes["--mask"] != sizes["--init_image"]:
       (mw, mh), (iw, ih) = sizes["--mask"], sizes["--init_image"]
       raise ValueError(f"--mask is {mw}x{mh} but --init_image is {iw}x{ih}: they must be the same size")
+
+
+def _interval(values) -> list[float]:
+  """``--guidance_interval LOW,HIGH`` as two floats, or a ValueError naming the flag."""
+  try:
+    low, high = (float(v) for v in values)
+  except (TypeError, ValueError):
+    raise ValueError(f"--guidance_interval takes LOW,HIGH (two timesteps), got {values!r}") from None
+  if not 0.0 <= low <= high:
+    raise ValueError(f"--guidance_interval needs 0 <= LOW <= HIGH, got {low:g},{high:g}")
+  return [low, high]
 
 
 def _image_size(path: str, flag: str) -> tuple[int, int]:
@@ -106,7 +120,9 @@ def run(request: SampleRequest) -> list[str]:
     init = _read_image(request.init_image, (height, width), "RGB").astype(np.float32) / 127.5 - 1.0
   if request.mask:
     mask = (_read_image(request.mask, (height, width), "L") > 127).astype(np.float32)
-  sampler = pipeline.sampler_config(request.sampler, request.steps)  # with the checkpoint's scheduler settings
+  interval = tuple(request.guidance_interval) if request.guidance_interval else None
+  # with the checkpoint's scheduler settings
+  sampler = pipeline.sampler_config(request.sampler, request.steps, guidance_interval=interval)
   os.makedirs(request.output, exist_ok=True)
   settings = {k: v for k, v in dataclasses.asdict(request).items() if k not in ("prompts", "class_labels", "output")}
   records, images = [], []

@@ -124,6 +124,19 @@ def test_no_ema_samples_the_raw_weights(prompt_runs):
     assert not np.array_equal(ema, raw)
 
 
+def test_guidance_interval_reaches_the_sampler(prompt_runs, run_dir, tmp_path):
+  """The tiny run's two DDIM timesteps are 501 and 1: an interval holding neither
+  samples exactly what guidance 1 does (the guided run "a" differs)."""
+  common = dict(checkpoint=run_dir, prompts=list(PROMPTS), steps=STEPS, seed=7)
+  outside = _sample(guidance=3.0, guidance_interval=["600", "1000"], output=str(tmp_path / "outside"), **common)
+  unguided = _sample(guidance=1.0, output=str(tmp_path / "unguided"), **common)
+  for path, reference in zip(outside, unguided):
+    np.testing.assert_array_equal(_read(path), _read(reference))
+    assert not np.array_equal(_read(path), _read(os.path.join(prompt_runs["a"], os.path.basename(path))))
+  with open(tmp_path / "outside" / "samples.json") as f:
+    assert [r["guidance_interval"] for r in json.load(f)] == [[600.0, 1000.0]] * 2
+
+
 def test_strength_zero_returns_the_init_image_round_trip(run_dir, init_image, round_trip, tmp_path):
   (path,) = _sample(checkpoint=run_dir, prompts=PROMPTS[:1], steps=STEPS, init_image=init_image[0], strength=0.0,
                     output=str(tmp_path))
@@ -184,6 +197,10 @@ def test_bad_inputs_name_the_problem(run_dir, init_image, tmp_path):
       _sample(**{**ok, "init_image": init_image[0], "strength": bad})
   with pytest.raises(ValueError, match="unknown --sampler 'dpm_fast'; allowed: .*ddim"):
     _sample(**{**ok, "sampler": "dpm_fast"})
+  with pytest.raises(ValueError, match="--guidance_interval takes LOW,HIGH"):
+    _sample(**{**ok, "guidance_interval": ["100"]})
+  with pytest.raises(ValueError, match="--guidance_interval needs 0 <= LOW <= HIGH, got 700,300"):
+    _sample(**{**ok, "guidance_interval": ["700", "300"]})
   assert not os.path.exists(ok["output"])  # every failure came before any image was written
 
 

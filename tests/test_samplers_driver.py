@@ -94,6 +94,29 @@ def test_guided_samples_equal_the_closed_form_guided_model(setup):
   assert np.abs(guided - _sample(s, cond=s["cond"])).max() > 0.5
 
 
+def test_guidance_interval_guides_exactly_the_steps_inside_it(setup):
+  # DDIM's 10 timesteps are 901, 801, ..., 1: (300, 700) holds 601, 501, 401 and 301.
+  s, scale, (low, high) = setup, 3.0, (300.0, 700.0)
+  config = SamplerConfig(sampler="ddim", num_steps=10, guidance_interval=(low, high))
+  RUN_BATCHES.clear()
+  guided = _sample(s, config=config, cond=s["cond"], uncond=s["uncond"], guidance_scale=scale)
+  assert RUN_BATCHES == [B] * 3 + [2 * B] * 4 + [B] * 3  # outside the interval the unconditional pass is skipped
+
+  # The reference: the unguided affine model whose mean shift is the guided one inside the interval.
+  def switching(params, x_t, t_B, cond):
+    inside = ((t_B >= low) & (t_B <= high))[:, None]
+    return gaussian_denoiser("eps")(params, x_t, t_B, jnp.where(inside, cond["in"], cond["out"]))
+
+  combined = s["uncond"] + scale * (s["cond"] - s["uncond"])
+  reference = _sample(s, denoise=switching, config=DDIM, cond={"in": combined, "out": s["cond"]})
+  np.testing.assert_allclose(guided, reference, rtol=1e-5, atol=1e-5)
+  everywhere = _sample(s, cond=s["cond"], uncond=s["uncond"], guidance_scale=scale)
+  assert np.abs(guided - everywhere).max() > 0.1 and np.abs(guided - _sample(s, cond=s["cond"])).max() > 0.1
+  whole = SamplerConfig(sampler="ddim", num_steps=10, guidance_interval=(0, 1000))
+  np.testing.assert_allclose(_sample(s, config=whole, cond=s["cond"], uncond=s["uncond"], guidance_scale=scale),
+                             everywhere, rtol=1e-6, atol=1e-6)
+
+
 def test_bfloat16_network_keeps_float32_sampling(setup):
   s = setup
   out = sample(_bfloat16_denoiser, s["params"], s["x_T"], s["schedule"], DDIM, rng=jax.random.key(0))
@@ -149,6 +172,9 @@ def test_batch_sharded_inputs(setup):
     (dict(prediction_type="score"), "prediction_type"),
     (dict(ddpm_variance="learned"), "ddpm_variance"),
     (dict(clip_x0=1.0, threshold_percentile=0.99), "not both"),
+    (dict(guidance_interval=(700, 300)), "guidance_interval must be"),
+    (dict(guidance_interval=(-1, 300)), "guidance_interval must be"),
+    (dict(guidance_interval=(100,)), "guidance_interval must be"),
 ])
 def test_bad_configs_are_rejected(kwargs, message):
   with pytest.raises(ValueError, match=message):

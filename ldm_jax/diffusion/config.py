@@ -31,6 +31,11 @@ class SamplerConfig:
     threshold_percentile: Imagen dynamic thresholding percentile (e.g. 0.995);
       None disables it. Not combinable with ``clip_x0``.
     threshold_max: upper bound of the dynamic threshold ``s``.
+    guidance_interval: ``(low, high)``: classifier-free guidance only at
+      model timesteps ``low <= t <= high``, the conditional output alone
+      elsewhere (Kynkaanniemi et al. 2024, "Applying guidance in a limited
+      interval"); the unconditional pass is skipped outside it. None: every
+      step.
   """
 
   sampler: str = "ddim"
@@ -43,6 +48,7 @@ class SamplerConfig:
   clip_x0: float | None = None
   threshold_percentile: float | None = None
   threshold_max: float = 1.0
+  guidance_interval: tuple[float, float] | None = None
 
   def __post_init__(self):
     if self.sampler not in SAMPLERS:
@@ -65,6 +71,12 @@ class SamplerConfig:
         raise ValueError("set either clip_x0 or threshold_percentile, not both")
     if self.threshold_max < 1.0:
       raise ValueError(f"threshold_max must be >= 1, got {self.threshold_max}")
+    if self.guidance_interval is not None:
+      interval = tuple(float(v) for v in self.guidance_interval)
+      if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1]:
+        raise ValueError(f"guidance_interval must be (low, high) timesteps with 0 <= low <= high, "
+                         f"got {self.guidance_interval!r}")
+      object.__setattr__(self, "guidance_interval", interval)
 
   def make_sampler(self) -> Sampler:
     """The configured ``Sampler``."""

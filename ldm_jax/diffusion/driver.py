@@ -91,12 +91,19 @@ def make_iteration(
 ) -> Callable[[Carry, StepTable, Any], Carry]:
   """The scan body ``(carry, row, k) -> carry``: one network evaluation and one sampler update."""
   prediction_type = sampler.config.prediction_type
+  interval = sampler.config.guidance_interval
+
+  def step_scale(t_model):
+    if interval is None:
+      return guidance_scale
+    # 1 outside the interval: guided_output then runs the conditional pass alone.
+    return jnp.where((t_model >= interval[0]) & (t_model <= interval[1]), guidance_scale, 1.0)
 
   def iteration(carry: Carry, row: StepTable, k) -> Carry:
     x = carry["x"]
     x_in = x * row.in_scale
     t_B = jnp.full((x.shape[0],), row.t_model, jnp.float32)
-    out = guided_output(denoise_fn, params, x_in, t_B, cond, uncond, guidance_scale)
+    out = guided_output(denoise_fn, params, x_in, t_B, cond, uncond, step_scale(row.t_model))
     if out.shape != x.shape:
       raise ValueError(f"denoise_fn returned shape {out.shape}, expected the input's shape {x.shape}")
     pred = Denoised(
