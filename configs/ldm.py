@@ -76,7 +76,8 @@ def _base() -> ml_collections.ConfigDict:
       keep_checkpoints=3, sample_every=5000, progress_bar=True))
   c.sample = C(dict(
       prompts=(), labels=(), num_unconditional=16, sampler="ddim", num_steps=50, timestep_spacing="leading",
-      steps_offset=1, guidance_scale=1.0, seed=0))
+      steps_offset=1, guidance_scale=1.0, seed=0,
+      guidance_interval=()))  # (low, high): guide only those timesteps (grids and eval); (): every step
   # Periodic evaluation (ldm_jax/training/eval_hook.py), off while every=0: every `every` steps,
   # FID of `num_samples` EMA samples (batches of `batch_size`, `sampler`/`num_steps`/`eta`, guidance
   # `guidance_scale`, -1: sample.guidance_scale) against `num_real` images (-1: all) of `split`

@@ -25,6 +25,7 @@ import pytest
 from ldm_jax.config import load_config
 from ldm_jax.loading import load_pipeline
 from ldm_jax.pipeline import to_uint8
+from ldm_jax.training.train_ldm import sampler_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, LATENT, CHANNELS = 32, 8, 3  # tiny config: 32x32 images, KL-f4 first stage with 3 latent channels
@@ -120,3 +121,12 @@ def test_samples_follow_the_conditioning(trained):
   as_uint8 = pipeline.generate(inputs, **common)
   assert as_uint8.dtype == np.uint8 and as_uint8.shape == (3, SIZE, SIZE, 3)
   np.testing.assert_array_equal(as_uint8, to_uint8(images * 2.0 - 1.0))
+
+
+def test_sample_guidance_interval_reaches_the_grid_and_eval_sampler():
+  config = load_config(f"{ROOT}/configs/ldm.py:shapes_txt2img,tiny")
+  assert sampler_config(config).guidance_interval is None  # the default () guides every step
+  config.sample.guidance_interval = (100, 1000)
+  assert sampler_config(config).guidance_interval == (100.0, 1000.0)
+  del config.sample["guidance_interval"]  # a run's config saved before the key existed
+  assert sampler_config(config).guidance_interval is None

@@ -82,6 +82,7 @@ def sampler_config(config: ml_collections.ConfigDict) -> SamplerConfig:
   return SamplerConfig(
       sampler=s.sampler, num_steps=s.num_steps, timestep_spacing=s.timestep_spacing, steps_offset=s.steps_offset,
       prediction_type=config.diffusion.prediction_type,
+      guidance_interval=tuple(s.get("guidance_interval", ())) or None,  # runs saved before it existed: every step
   )
 
 
