@@ -29,6 +29,8 @@ _SAMPLER = flags.DEFINE_string("sampler", "ddim", "ddim | plms | pndm | dpmpp_2m
 _STEPS = flags.DEFINE_integer("steps", 50, "Sampler steps.")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta.")
 _GUIDANCE = flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance scale (1: off).")
+_GUIDANCE_INTERVAL = flags.DEFINE_list(
+    "guidance_interval", None, "LOW,HIGH: guide only at model timesteps LOW <= t <= HIGH (default: every step).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (image i uses (seed, i)).")
 _PROMPTS = flags.DEFINE_string("prompts_file", None, "Prompts, one per line (default: the split's captions).")
 _CLASSES = flags.DEFINE_string("classes", "split", "Class-conditional models: labels of the split, or 'balanced'.")
@@ -52,9 +54,9 @@ _DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype override for sampling
 _OUTPUT = flags.DEFINE_string("output", "eval_report.json", "The JSON report.")
 
 _FIELDS = {f.name: f for f in (_CHECKPOINT, _IMAGES, _METRICS, _RECIPE, _NUM, _SAMPLER, _STEPS, _ETA, _GUIDANCE,
-                                _SEED, _PROMPTS, _CLASSES, _NUM_CLASSES, _CONFIG, _SPLIT, _NUM_REAL, _REF_STATS,
-                                _REF_DIR, _SAVE_STATS, _SAVE_IMAGES, _NET, _INCEPTION, _JUDGE, _CLIP, _SIZE,
-                                _BATCH, _KID, _DTYPE, _OUTPUT)}
+                                _GUIDANCE_INTERVAL, _SEED, _PROMPTS, _CLASSES, _NUM_CLASSES, _CONFIG, _SPLIT,
+                                _NUM_REAL, _REF_STATS, _REF_DIR, _SAVE_STATS, _SAVE_IMAGES, _NET, _INCEPTION, _JUDGE,
+                                _CLIP, _SIZE, _BATCH, _KID, _DTYPE, _OUTPUT)}
 
 
 def main(argv):

@@ -8,6 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from ldm_jax.diffusion.config import parse_guidance_interval
 from ldm_jax.diffusion.samplers import SAMPLERS
 from ldm_jax.image_grid import make_grid, save_png
 
@@ -54,7 +55,7 @@ class SampleRequest:
     if self.num <= 0 or self.batch_size <= 0:
       raise ValueError("--num and --batch_size must be positive")
     if self.guidance_interval is not None:
-      self.guidance_interval = _interval(self.guidance_interval)
+      self.guidance_interval = parse_guidance_interval(self.guidance_interval)
     if self.strength is not None and not 0.0 <= self.strength <= 1.0:
       raise ValueError(f"--strength must be in [0, 1], got {self.strength}")
     if (self.strength is not None or self.mask) and not self.init_image:
@@ -68,17 +69,6 @@ class SampleRequest:
     if len(sizes) == 2 and sizes["--mask"] != sizes["--init_image"]:
       (mw, mh), (iw, ih) = sizes["--mask"], sizes["--init_image"]
       raise ValueError(f"--mask is {mw}x{mh} but --init_image is {iw}x{ih}: they must be the same size")
-
-
-def _interval(values) -> list[float]:
-  """``--guidance_interval LOW,HIGH`` as two floats, or a ValueError naming the flag."""
-  try:
-    low, high = (float(v) for v in values)
-  except (TypeError, ValueError):
-    raise ValueError(f"--guidance_interval takes LOW,HIGH (two timesteps), got {values!r}") from None
-  if not 0.0 <= low <= high:
-    raise ValueError(f"--guidance_interval needs 0 <= LOW <= HIGH, got {low:g},{high:g}")
-  return [low, high]
 
 
 def _image_size(path: str, flag: str) -> tuple[int, int]:

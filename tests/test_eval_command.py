@@ -61,6 +61,7 @@ def report(setup):
   config, workdir, judge, _, root = setup
   request = EvalRequest(checkpoint=workdir, metrics=["fid", "kid", "pr"], num_samples=NUM, batch_size=BATCH,
                         steps=STEPS, guidance=GUIDANCE, feature_net="shapes_judge", judge_weights=judge,
+                        guidance_interval=["0", "1000"],  # holds every step: the hook's samples (compared below)
                         kid_subset_size=8, save_stats=str(root / "ref.npz"), save_images=str(root / "samples"),
                         output=str(root / "report.json"),
                         command=["evaluate.py", "--test"])
@@ -76,6 +77,7 @@ def test_report_has_what_reproduces_it(setup, report):
   s = report["sampling"]
   assert (s["sampler"]["sampler"], s["sampler"]["num_steps"], s["guidance_scale"], s["eta"], s["seed"]) == (
       "ddim", STEPS, GUIDANCE, 0.0, 0)
+  assert s["sampler"]["guidance_interval"] == [0.0, 1000.0]
   assert s["num_samples"] == NUM and s["conditions"] == "split_captions"
   assert report["reference"]["split"] == "validation" and report["reference"]["num_images"] == 32
   assert report["feature_net"]["weights_sha256"] == feature_nets.file_sha256(judge)
@@ -127,6 +129,8 @@ def test_bad_inputs_name_the_problem(setup, tmp_path):
   with pytest.raises(ValueError, match="holds no images"):
     run(EvalRequest(images_dir=str(empty), ref_dir=str(empty), feature_net="shapes_judge", judge_weights=judge,
                     image_size=32, output=str(tmp_path / "r.json")))
+  with pytest.raises(ValueError, match="--guidance_interval needs 0 <= LOW <= HIGH, got 900,100"):
+    EvalRequest(checkpoint=workdir, guidance_interval=["900", "100"]).validate()
   with pytest.raises(ValueError, match="only mean and covariance"):
     EvalRequest(images_dir=str(empty), ref_stats=judge, metrics=["kid"]).validate()
   # The command line: a missing weights file names the flag and the converter.

@@ -81,3 +81,15 @@ class SamplerConfig:
   def make_sampler(self) -> Sampler:
     """The configured ``Sampler``."""
     return SAMPLERS[self.sampler](self)
+
+
+def parse_guidance_interval(values) -> list[float]:
+  """``--guidance_interval LOW,HIGH`` (strings or numbers) as two floats, or a
+  ValueError naming the flag."""
+  try:
+    low, high = (float(v) for v in values)
+  except (TypeError, ValueError):
+    raise ValueError(f"--guidance_interval takes LOW,HIGH (two timesteps), got {values!r}") from None
+  if not 0.0 <= low <= high:
+    raise ValueError(f"--guidance_interval needs 0 <= LOW <= HIGH, got {low:g},{high:g}")
+  return [low, high]

@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ldm_jax.diffusion.config import parse_guidance_interval
 from ldm_jax.evaluation import feature_metrics, image_sources, precision_recall, recipes, statistics
 from ldm_jax.evaluation.feature_nets import FEATURE_NETS, FeatureNet, file_sha256, make_feature_net
 
@@ -48,6 +49,7 @@ class EvalRequest:
   steps: int = 50
   eta: float = 0.0
   guidance: float = 1.0
+  guidance_interval: list | None = None  # [low, high] model timesteps; None: every step
   seed: int = 0
   prompts_file: str | None = None
   classes: str = "split"
@@ -106,6 +108,8 @@ class EvalRequest:
       raise ValueError("--num_samples must be >= 2 and --batch_size positive")
     if self.classes not in ("split", "balanced"):
       raise ValueError(f"--classes must be 'split' or 'balanced', got {self.classes!r}")
+    if self.guidance_interval is not None:
+      self.guidance_interval = parse_guidance_interval(self.guidance_interval)
 
 
 # ----------------------------------------------------------------- metrics
@@ -301,7 +305,8 @@ def _sample_features(request: EvalRequest, scan, extract, data_config) -> tuple[
       model.cond_key, request.num_samples, captions=scan.captions if scan else [], labels=scan.labels if scan else [],
       prompts=prompts, num_classes=num_classes, classes=request.classes)
   # The checkpoint's scheduler settings (spacing, offset) with the requested sampler and steps.
-  sampler = pipeline.sampler_config(request.sampler, request.steps)
+  interval = tuple(request.guidance_interval) if request.guidance_interval else None
+  sampler = pipeline.sampler_config(request.sampler, request.steps, guidance_interval=interval)
   batches = image_sources.sample_batches(
       pipeline, conditions, num=request.num_samples, batch_size=request.batch_size, sampler=sampler,
       guidance_scale=request.guidance, eta=request.eta, seed=request.seed)
