@@ -25,7 +25,7 @@ class SampleRequest:
   sampler: str = "ddim"
   eta: float = 0.0
   guidance: float = 7.5
-  guidance_interval: list | None = None  # [low, high] model timesteps (strings from the command line are fine)
+  guidance_interval: tuple | list | None = None  # (low, high) model timesteps; the command line's strings are parsed
   seed: int = 0
   height: int | None = None
   width: int | None = None
@@ -110,9 +110,8 @@ def run(request: SampleRequest) -> list[str]:
     init = _read_image(request.init_image, (height, width), "RGB").astype(np.float32) / 127.5 - 1.0
   if request.mask:
     mask = (_read_image(request.mask, (height, width), "L") > 127).astype(np.float32)
-  interval = tuple(request.guidance_interval) if request.guidance_interval else None
   # with the checkpoint's scheduler settings
-  sampler = pipeline.sampler_config(request.sampler, request.steps, guidance_interval=interval)
+  sampler = pipeline.sampler_config(request.sampler, request.steps, guidance_interval=request.guidance_interval)
   os.makedirs(request.output, exist_ok=True)
   settings = {k: v for k, v in dataclasses.asdict(request).items() if k not in ("prompts", "class_labels", "output")}
   records, images = [], []

@@ -83,7 +83,7 @@ class SamplerConfig:
     return SAMPLERS[self.sampler](self)
 
 
-def parse_guidance_interval(values) -> list[float]:
+def parse_guidance_interval(values) -> tuple[float, float]:
   """``--guidance_interval LOW,HIGH`` (strings or numbers) as two floats, or a
   ValueError naming the flag."""
   try:
@@ -92,4 +92,4 @@ def parse_guidance_interval(values) -> list[float]:
     raise ValueError(f"--guidance_interval takes LOW,HIGH (two timesteps), got {values!r}") from None
   if not 0.0 <= low <= high:
     raise ValueError(f"--guidance_interval needs 0 <= LOW <= HIGH, got {low:g},{high:g}")
-  return [low, high]
+  return low, high

@@ -49,7 +49,7 @@ class EvalRequest:
   steps: int = 50
   eta: float = 0.0
   guidance: float = 1.0
-  guidance_interval: list | None = None  # [low, high] model timesteps; None: every step
+  guidance_interval: tuple | list | None = None  # (low, high) model timesteps; None: every step
   seed: int = 0
   prompts_file: str | None = None
   classes: str = "split"
@@ -305,8 +305,7 @@ def _sample_features(request: EvalRequest, scan, extract, data_config) -> tuple[
       model.cond_key, request.num_samples, captions=scan.captions if scan else [], labels=scan.labels if scan else [],
       prompts=prompts, num_classes=num_classes, classes=request.classes)
   # The checkpoint's scheduler settings (spacing, offset) with the requested sampler and steps.
-  interval = tuple(request.guidance_interval) if request.guidance_interval else None
-  sampler = pipeline.sampler_config(request.sampler, request.steps, guidance_interval=interval)
+  sampler = pipeline.sampler_config(request.sampler, request.steps, guidance_interval=request.guidance_interval)
   batches = image_sources.sample_batches(
       pipeline, conditions, num=request.num_samples, batch_size=request.batch_size, sampler=sampler,
       guidance_scale=request.guidance, eta=request.eta, seed=request.seed)
