@@ -194,8 +194,7 @@ class LDMPipeline:
     )
     static = dict(sampler_config=sampler, strength=strength, guided=guided,
                   blend=mask is not None and self.model.concat_kind != "inpaint")
-    if jax.process_count() > 1:  # the processes' compiles may end far apart; start the run together
-      compile_in_lockstep(self._program, *args, name="sample", **static)
+    compile_in_lockstep(self._program, *args, name="sample", **static)  # multi-process: start together
     images = self._program(*args, **static)
     images = multihost_utils.process_allgather(images, tiled=True)[:n]
     if output_type == "float":

@@ -83,7 +83,9 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
 
 
 def compile_in_lockstep(jitted: Any, *args: Any, name: str, **kwargs: Any) -> None:
-  """Compiles ``jitted`` for these arguments, then waits for every process.
+  """In a multi-process job, compiles ``jitted`` for these arguments, then
+  waits for every process (a single process has no one to wait for: nothing
+  is done, and the first call compiles as usual).
 
   Why: the first run of a program with cross-process collectives sets up its
   communicator, and on CPU (gloo) that gives up after a fixed 30 s if a peer
@@ -92,5 +94,7 @@ def compile_in_lockstep(jitted: Any, *args: Any, name: str, **kwargs: Any) -> No
   cache, so the next ``jitted(*args, **kwargs)`` starts at once, on every
   process within moments of the others.
   """
+  if jax.process_count() == 1:
+    return
   jitted.lower(*args, **kwargs).compile()
   barrier(f"compiled/{name}")

@@ -92,8 +92,7 @@ class FixedImages:
 
   def run(self, fn: ReconstructFn, ae_params, lpips_params) -> dict[str, np.ndarray]:
     batches = [self._global(b) for b in self.local_batches]
-    if jax.process_count() > 1:  # the processes' compiles may end far apart; start the run together
-      compile_in_lockstep(fn, ae_params, lpips_params, batches[0], name="reconstruct")
+    compile_in_lockstep(fn, ae_params, lpips_params, batches[0], name="reconstruct")  # multi-process: start together
     outs = [self._gather(fn(ae_params, lpips_params, b)) for b in batches]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
