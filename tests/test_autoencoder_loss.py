@@ -1,6 +1,7 @@
 """Stage-1 loss: GAN terms by hand, the NLL/KL/codebook terms against NumPy,
-the adaptive weight against independently computed gradient norms, and a
-few Adam steps of a tiny autoencoder + discriminator."""
+the posterior's initial log-variance, the adaptive weight
+against independently computed gradient norms, and a few Adam steps of a tiny
+autoencoder + discriminator."""
 
 import math
 
@@ -14,6 +15,7 @@ import pytest
 from ldm_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.training import autoencoder_loss as L
+from ldm_jax.training.autoencoder_step import make_init_fn
 
 RNG = np.random.default_rng(0)
 X = RNG.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
@@ -84,6 +86,30 @@ def test_squared_pixel_loss_option():
   np.testing.assert_allclose(metrics["rec"], sq.mean(), rtol=1e-5)
   with pytest.raises(ValueError, match="pixel_loss"):
     L.Stage1LossConfig(pixel_loss="huber")
+
+
+def test_posterior_logvar_init_shifts_only_the_posterior_log_variance():
+  ddconfig = dict(ch=4, ch_mult=(1, 2), num_res_blocks=1, z_channels=2, resolution=16, norm_num_groups=2)
+  ae, disc = AutoencoderKL(ddconfig=ddconfig, embed_dim=2), NLayerDiscriminator(ndf=4, n_layers=2)
+  x = jnp.asarray(RNG.uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+  rng = jax.random.key(0, impl="rbg")
+
+  def init(logvar_init):
+    cfg = L.Stage1LossConfig(perceptual_weight=0.0, posterior_logvar_init=logvar_init)
+    return make_init_fn(ae, disc, optax.adam(1e-3), optax.adam(1e-3), cfg, x)(rng).params["ae"]
+
+  default, shifted = init(0.0), init(-6.0)
+  bias = shifted["quant_conv"]["bias"]
+  np.testing.assert_array_equal(bias[2:], [-6.0, -6.0])
+  np.testing.assert_array_equal(bias[:2], default["quant_conv"]["bias"][:2])
+  np.testing.assert_array_equal(shifted["quant_conv"]["kernel"], default["quant_conv"]["kernel"])
+  same = jax.tree.map(np.array_equal, {**default, "quant_conv": {}}, {**shifted, "quant_conv": {}})
+  assert all(jax.tree.leaves(same))
+  encode = lambda p: ae.apply({"params": p}, x, method=ae.encode)
+  before, after = encode(default), encode(shifted)
+  np.testing.assert_array_equal(after.mean, before.mean)
+  np.testing.assert_allclose(after.logvar, before.logvar - 6.0, atol=1e-5)
+  assert float(jnp.abs(before.logvar).max()) < 3.0  # the default starts near std 1
 
 
 class _ToyDecoder(nn.Module):

@@ -76,6 +76,11 @@ class Stage1LossConfig:
   # Not a reference key: "l1" (the reference) or "l2" (squared error, which
   # maximises PSNR directly: short CPU runs on the shapes reach more with it).
   pixel_loss: str = "l1"
+  # Not a reference key: the initial bias of the posterior's log-variance
+  # channels (quant_conv; KL models only). 0 is the reference's init, which
+  # starts every latent channel at posterior std 1, far above the latent's
+  # own spread at init; see configs/autoencoder.py:demo.
+  posterior_logvar_init: float = 0.0
 
   def __post_init__(self):
     if self.disc_loss not in ("hinge", "vanilla"):

@@ -108,7 +108,7 @@ def make_init_fn(
     k_ae, k_disc = jax.random.split(rng)
     f = model.downsample_factor  # the smallest input: parameter shapes do not depend on it
     x = jnp.zeros((1, f, f, example_images.shape[-1]), jnp.float32)
-    ae_params = _init_ae(model, k_ae, x)
+    ae_params = _init_ae(model, k_ae, x, loss_cfg.posterior_logvar_init)
     disc_vars = disc.init(k_disc, jnp.asarray(example_images), train=True)
     params = {"ae": ae_params, "logvar": jnp.asarray(loss_cfg.logvar_init, jnp.float32)}
     return Stage1State(
@@ -123,10 +123,17 @@ def make_init_fn(
   return init
 
 
-def _init_ae(model: FirstStage, rng: jax.Array, x: jax.Array) -> Any:
-  if isinstance(model, AutoencoderKL):
-    return model.init(rng, x, sample_posterior=False)["params"]
-  return model.init(rng, x)["params"]
+def _init_ae(model: FirstStage, rng: jax.Array, x: jax.Array, posterior_logvar_init: float = 0.0) -> Any:
+  if not isinstance(model, AutoencoderKL):
+    return model.init(rng, x)["params"]
+  params = model.init(rng, x, sample_posterior=False)["params"]
+  if posterior_logvar_init:
+    # quant_conv's outputs are (mean, logvar) channel halves: start the posterior
+    # at std exp(init / 2) rather than 1, so the decoder sees signal from step 0.
+    bias = params["quant_conv"]["bias"]
+    logvar_bias = jnp.full((model.embed_dim,), posterior_logvar_init, bias.dtype)
+    params["quant_conv"]["bias"] = bias.at[model.embed_dim:].set(logvar_bias)
+  return params
 
 
 def make_train_step(
