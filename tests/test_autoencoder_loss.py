@@ -105,7 +105,7 @@ def test_posterior_logvar_init_shifts_only_the_posterior_log_variance():
   np.testing.assert_array_equal(shifted["quant_conv"]["kernel"], default["quant_conv"]["kernel"])
   same = jax.tree.map(np.array_equal, {**default, "quant_conv": {}}, {**shifted, "quant_conv": {}})
   assert all(jax.tree.leaves(same))
-  encode = lambda p: ae.apply({"params": p}, x, method=ae.encode)
+  encode = jax.jit(lambda p: ae.apply({"params": p}, x, method=ae.encode))
   before, after = encode(default), encode(shifted)
   np.testing.assert_array_equal(after.mean, before.mean)
   np.testing.assert_allclose(after.logvar, before.logvar - 6.0, atol=1e-5)

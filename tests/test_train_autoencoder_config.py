@@ -13,7 +13,7 @@ from ldm_jax.config import ConfigError, load_config
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.first_stage import make_first_stage
 from ldm_jax.training.optim import make_optimizer
-from ldm_jax.training.train_autoencoder import make_discriminator, train
+from ldm_jax.training.train_autoencoder import loss_config, make_discriminator, train
 
 CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "autoencoder.py"
 KEYS_FILE = pathlib.Path(__file__).parent / "data" / "sd_v1_state_dict_keys.txt"
@@ -92,6 +92,9 @@ def test_dataset_words():
   demo = get("demo")
   assert (demo.model.kind, demo.data.image_size, demo.loss.perceptual_weight) == ("kl", 64, 0.0)
   assert get("demo_vq").model.kind == "vq"
+  # The demo's posterior starts at std 0.05, and the key reaches the loss config the init reads.
+  assert loss_config(demo.loss).posterior_logvar_init == -6.0
+  assert loss_config(get("kl_f8").loss).posterior_logvar_init == 0.0  # the reference's init
 
 
 @pytest.mark.parametrize("arg, message", [
