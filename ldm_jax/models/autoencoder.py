@@ -79,8 +79,10 @@ class _Trunk(nn.Module):
     )
 
   def _out(self, h: jax.Array, features: int) -> jax.Array:
-    norm = GroupNorm(self.norm_num_groups, epsilon=AE_NORM_EPS, param_dtype=self.param_dtype, name="norm_out")
-    return conv(features, 3, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_out")(nn.swish(norm(h)))
+    h = GroupNorm(
+        self.norm_num_groups, epsilon=AE_NORM_EPS, silu=True, param_dtype=self.param_dtype, name="norm_out"
+    )(h)
+    return conv(features, 3, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_out")(h)
 
   def _check_input(self, x: jax.Array, channels: int, multiple: int, what: str) -> None:
     if x.ndim != 4 or x.shape[-1] != channels:

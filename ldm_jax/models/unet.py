@@ -174,7 +174,7 @@ class UNetModel(nn.Module):
           ds //= 2
         index += 1
 
-    h = nn.silu(GroupNorm(self.norm_num_groups, epsilon=UNET_NORM_EPS, param_dtype=self.param_dtype, name="out_0")(h))
+    h = GroupNorm(self.norm_num_groups, epsilon=UNET_NORM_EPS, silu=True, param_dtype=self.param_dtype, name="out_0")(h)
     h = self._conv(self.out_channels, "out_2", kernel_init=nn.initializers.zeros_init())(h)
     return h.astype(x_BxHxWxC.dtype)
 

@@ -57,9 +57,9 @@ class _AEModule(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def _norm(self, name: str) -> GroupNorm:
+  def _norm(self, name: str, silu: bool = False) -> GroupNorm:
     return GroupNorm(
-        num_groups=self.norm_num_groups, epsilon=AE_NORM_EPS, param_dtype=self.param_dtype, name=name
+        num_groups=self.norm_num_groups, epsilon=AE_NORM_EPS, silu=silu, param_dtype=self.param_dtype, name=name
     )
 
   def _conv(self, features: int, kernel: int, name: str, **kw) -> nn.Conv:
@@ -76,8 +76,8 @@ class ResnetBlock(_AEModule):
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array, *, deterministic: bool = True) -> jax.Array:
     out_ch = self.out_channels or x_BxHxWxC.shape[-1]
-    h = self._conv(out_ch, 3, "conv1")(nn.swish(self._norm("norm1")(x_BxHxWxC)))
-    h = nn.swish(self._norm("norm2")(h))
+    h = self._conv(out_ch, 3, "conv1")(self._norm("norm1", silu=True)(x_BxHxWxC))
+    h = self._norm("norm2", silu=True)(h)
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     h = self._conv(out_ch, 3, "conv2")(h)
     skip = x_BxHxWxC

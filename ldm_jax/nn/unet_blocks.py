@@ -83,8 +83,10 @@ class ResBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
-  def _norm(self, name: str) -> GroupNorm:
-    return GroupNorm(num_groups=self.norm_num_groups, epsilon=UNET_NORM_EPS, param_dtype=self.param_dtype, name=name)
+  def _norm(self, name: str, silu: bool = False) -> GroupNorm:
+    return GroupNorm(
+        num_groups=self.norm_num_groups, epsilon=UNET_NORM_EPS, silu=silu, param_dtype=self.param_dtype, name=name
+    )
 
   def _conv(self, features: int, kernel: int, name: str, **kwargs) -> nn.Conv:
     return nn.Conv(
@@ -98,7 +100,7 @@ class ResBlock(nn.Module):
       raise ValueError("ResBlock: up and down are mutually exclusive")
     x = x_BxHxWxC.astype(self.dtype)
     out_channels = self.out_channels or x.shape[-1]
-    h = nn.silu(self._norm("in_layers_0")(x))
+    h = self._norm("in_layers_0", silu=True)(x)
     # The reference resamples between the activation and the conv, and the skip path too.
     if self.up:
       h, x = upsample_nearest_2x(h), upsample_nearest_2x(x)
@@ -112,10 +114,10 @@ class ResBlock(nn.Module):
     )[:, None, None, :]
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
-      h = self._norm("out_layers_0")(h) * (1 + scale) + shift
+      h = nn.silu(self._norm("out_layers_0")(h) * (1 + scale) + shift)
     else:
-      h = self._norm("out_layers_0")(h + emb_out)
-    h = nn.Dropout(self.dropout, name="out_layers_2")(nn.silu(h), deterministic=self.deterministic)
+      h = self._norm("out_layers_0", silu=True)(h + emb_out)
+    h = nn.Dropout(self.dropout, name="out_layers_2")(h, deterministic=self.deterministic)
     h = self._conv(out_channels, 3, "out_layers_3", kernel_init=nn.initializers.zeros_init())(h)
 
     if out_channels != x.shape[-1]:
