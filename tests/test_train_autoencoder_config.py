@@ -121,3 +121,7 @@ def test_train_rejects_bad_settings_before_compiling(tmp_path):
   config.train.crop_size = 64
   with pytest.raises(ValueError, match="crop_size 64 exceeds data.image_size 32"):
     train(config, str(tmp_path))
+  config = get("vq_f4,tiny")
+  config.loss.posterior_logvar_init = -6.0
+  with pytest.raises(ValueError, match=r"posterior_logvar_init=-6.0 sets a KL posterior.*model.kind is 'vq'"):
+    train(config, str(tmp_path))

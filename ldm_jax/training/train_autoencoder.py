@@ -113,6 +113,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> AutoencoderTrainRe
   lpips_params = _load_lpips(config.loss)
   model_config = config.model.to_dict()
   model = make_first_stage(model_config)
+  if loss_cfg.posterior_logvar_init and model_config["kind"] != "kl":
+    raise ValueError(
+        f"loss.posterior_logvar_init={loss_cfg.posterior_logvar_init} sets a KL posterior's initial log-variance; "
+        f"model.kind is {model_config['kind']!r}, which has none (leave it at 0)"
+    )
   validate_image_size(config.data.image_size, model.downsample_factor)
   if tc.crop_size:
     validate_image_size(tc.crop_size, model.downsample_factor)
