@@ -15,7 +15,7 @@ Variant words (comma-separated):
   ``tfds:celeb_a_hq/256``).
 - tiny: shrinks any variant to run on a CPU in seconds (tests).
 - demo / demo_vq: a small f=4 autoencoder on 64 px shapes, trained in about
-  ten minutes on a 2-core CPU (README demo; about 28.6 dB validation PSNR).
+  five minutes on a 2-core CPU (README demo; about 28.5 dB validation PSNR).
 
 The perceptual loss (LPIPS, ``perceptual_weight=1`` as the reference) needs
 converted weights: ``--config.loss.lpips_weights=FILE`` (see
@@ -143,6 +143,11 @@ def _demo(config: ml_collections.ConfigDict, kind: str) -> None:
   dd = config.model.ddconfig
   # ch 16: 0.25 s per step of 16 crops on a 2-core CPU (ch 32 takes 0.75 s).
   dd.ch, dd.num_res_blocks, dd.norm_num_groups, dd.resolution, dd.attn_type = 16, 1, 8, 64, "none"
+  # Widths 16, 16, 32 instead of kl_f4's multipliers (1, 2, 4): 40% of the
+  # FLOPs and no worse. Validation PSNR after 2000 steps on one device, seeds
+  # 0 / 1 / 2: (1, 2, 4) 28.41 / 28.58 / 28.46 dB, (1, 2, 2) 28.50 / 28.26 dB
+  # (seeds 0 / 1), (1, 1, 2) 28.63 / 28.26 / 28.73 dB.
+  dd.ch_mult = (1, 1, 2)
   if kind == "vq":
     config.model.n_embed = 512
   config.data.image_size = 64
