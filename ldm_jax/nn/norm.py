@@ -6,9 +6,9 @@ float32 parity exact. Both layers use the two-pass variance, like PyTorch.
 
 GroupNorm has a hand-written backward pass, optionally fused with the SiLU
 that follows it in every ResNet block. Autodiff of the plain formula spends
-more time in the norms and activations of a small conv net than in its
+almost as long in the norms and activations of a small conv net as in its
 convolutions on a CPU; the fused pair makes the demo autoencoder's training
-step 1.3x faster (``benchmarks/norm_speed.py``).
+step 1.2-1.4x faster (``benchmarks/norm_speed.py``).
 """
 
 import functools
@@ -18,22 +18,23 @@ import jax
 import jax.numpy as jnp
 
 
+def _group_mean(sums_BxC: jax.Array, num_groups: int, num_positions: int) -> jax.Array:
+  """Per-channel sums over N positions -> each group's mean, repeated per channel (B, C)."""
+  batch, channels = sums_BxC.shape
+  per_group = channels // num_groups
+  group_sums = sums_BxC.reshape(batch, num_groups, per_group).sum(-1)
+  return jnp.repeat(group_sums / (num_positions * per_group), per_group, -1)
+
+
 def _group_stats(x_BxNxC: jax.Array, num_groups: int, epsilon: float) -> tuple[jax.Array, jax.Array]:
-  """Per-channel copies (B, C) of each group's mean and 1/std over N and the group's channels.
+  """Per-channel copies (B, C) of each group's mean and 1/std.
 
   Sums run over the spatial axis first, keeping channels contiguous, then
   over the channels of a group.
   """
-  batch, channels = x_BxNxC.shape[0], x_BxNxC.shape[-1]
-  per_group = channels // num_groups
-  count = x_BxNxC.shape[1] * per_group
-
-  def group_mean(sums_BxC):
-    return jnp.repeat(sums_BxC.reshape(batch, num_groups, per_group).sum(-1) / count, per_group, -1)
-
-  mean_BxC = group_mean(x_BxNxC.sum(1))
+  mean_BxC = _group_mean(x_BxNxC.sum(1), num_groups, x_BxNxC.shape[1])
   centred = x_BxNxC - mean_BxC[:, None]
-  var_BxC = group_mean((centred * centred).sum(1))
+  var_BxC = _group_mean((centred * centred).sum(1), num_groups, x_BxNxC.shape[1])
   return mean_BxC, jax.lax.rsqrt(var_BxC + epsilon)
 
 
@@ -58,9 +59,6 @@ def _group_norm_fwd(x_BxNxC, scale_C, bias_C, num_groups, epsilon, silu):
 def _group_norm_bwd(num_groups, epsilon, silu, residuals, dy_BxNxC):
   del epsilon
   x, scale_C, bias_C, mean_BxC, rstd_BxC = residuals
-  batch, channels = x.shape[0], x.shape[-1]
-  per_group = channels // num_groups
-  count = x.shape[1] * per_group
   if silu:  # d silu(z) / dz = s (1 + z (1 - s)), s = sigmoid(z)
     z = _affine(x, scale_C, bias_C, mean_BxC, rstd_BxC)
     sig = jax.nn.sigmoid(z)
@@ -68,13 +66,9 @@ def _group_norm_bwd(num_groups, epsilon, silu, residuals, dy_BxNxC):
   x_hat = (x - mean_BxC[:, None]) * rstd_BxC[:, None]
   dy_sum_BxC = dy_BxNxC.sum(1)
   dy_xhat_BxC = (dy_BxNxC * x_hat).sum(1)
-
-  def group_mean(sums_BxC):
-    return jnp.repeat(sums_BxC.reshape(batch, num_groups, per_group).sum(-1) / count, per_group, -1)
-
   # dx = rstd (g - mean_group(g) - x_hat mean_group(g x_hat)), g = dy * scale.
-  mean_g = group_mean(dy_sum_BxC * scale_C)
-  mean_g_xhat = group_mean(dy_xhat_BxC * scale_C)
+  mean_g = _group_mean(dy_sum_BxC * scale_C, num_groups, x.shape[1])
+  mean_g_xhat = _group_mean(dy_xhat_BxC * scale_C, num_groups, x.shape[1])
   dx = rstd_BxC[:, None] * (dy_BxNxC * scale_C - mean_g[:, None] - x_hat * mean_g_xhat[:, None])
   return dx, dy_xhat_BxC.sum(0), dy_sum_BxC.sum(0)
 
