@@ -38,10 +38,6 @@ def _group_stats(x_BxNxC: jax.Array, num_groups: int, epsilon: float) -> tuple[j
   return mean_BxC, jax.lax.rsqrt(var_BxC + epsilon)
 
 
-def _affine(x_BxNxC, scale_C, bias_C, mean_BxC, rstd_BxC):
-  return (x_BxNxC - mean_BxC[:, None]) * (rstd_BxC * scale_C)[:, None] + bias_C
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _group_norm(x_BxNxC, scale_C, bias_C, num_groups, epsilon, silu):
   y, _ = _group_norm_fwd(x_BxNxC, scale_C, bias_C, num_groups, epsilon, silu)
@@ -50,7 +46,7 @@ def _group_norm(x_BxNxC, scale_C, bias_C, num_groups, epsilon, silu):
 
 def _group_norm_fwd(x_BxNxC, scale_C, bias_C, num_groups, epsilon, silu):
   mean_BxC, rstd_BxC = _group_stats(x_BxNxC, num_groups, epsilon)
-  y = _affine(x_BxNxC, scale_C, bias_C, mean_BxC, rstd_BxC)
+  y = (x_BxNxC - mean_BxC[:, None]) * (rstd_BxC * scale_C)[:, None] + bias_C
   # Keep the input, not the normalised tensor: the backward pass recomputes
   # it in the same fused loop that needs it.
   return (jax.nn.silu(y) if silu else y), (x_BxNxC, scale_C, bias_C, mean_BxC, rstd_BxC)
@@ -59,11 +55,11 @@ def _group_norm_fwd(x_BxNxC, scale_C, bias_C, num_groups, epsilon, silu):
 def _group_norm_bwd(num_groups, epsilon, silu, residuals, dy_BxNxC):
   del epsilon
   x, scale_C, bias_C, mean_BxC, rstd_BxC = residuals
+  x_hat = (x - mean_BxC[:, None]) * rstd_BxC[:, None]
   if silu:  # d silu(z) / dz = s (1 + z (1 - s)), s = sigmoid(z)
-    z = _affine(x, scale_C, bias_C, mean_BxC, rstd_BxC)
+    z = x_hat * scale_C + bias_C
     sig = jax.nn.sigmoid(z)
     dy_BxNxC = dy_BxNxC * sig * (1 + z * (1 - sig))
-  x_hat = (x - mean_BxC[:, None]) * rstd_BxC[:, None]
   dy_sum_BxC = dy_BxNxC.sum(1)
   dy_xhat_BxC = (dy_BxNxC * x_hat).sum(1)
   # dx = rstd (g - mean_group(g) - x_hat mean_group(g x_hat)), g = dy * scale.
@@ -102,7 +98,6 @@ class GroupNorm(nn.Module):
   num_groups: int = 32
   epsilon: float = 1e-6
   silu: bool = False
-  dtype: jnp.dtype = jnp.float32  # statistics and output are float32 regardless (see module doc)
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
