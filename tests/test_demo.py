@@ -20,8 +20,10 @@ from ldm_jax.demo import (GRID_FILE, RESULTS_FILE, SIZE_NAMES, DemoPreempted, De
 from ldm_jax.evaluation import shapes_judge
 from ldm_jax.training.first_stage_io import load_first_stage
 
+# A constant learning rate keeps stage 2's compiled step independent of
+# train.num_steps, so the continuation test reuses it instead of compiling anew.
 SETTINGS = DemoSettings(tiny=True, images_per_prompt=1, seen_images_per_pair=1, num_steps=3, judge_steps=5,
-                        judge_renders_per_pair=10)
+                        judge_renders_per_pair=10, ldm_overrides=(("optim.schedule", "constant"),))
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +142,7 @@ def test_a_rerun_with_more_stage2_steps_continues_it(demo_run, tmp_path):
   longer = str(tmp_path / "longer")
   shutil.copytree(workdir, longer)
   steps = first["ldm"]["steps"] + 2
-  report = run_demo(longer, dataclasses.replace(SETTINGS, ldm_overrides=(("train.num_steps", steps),)))
+  report = run_demo(longer, dataclasses.replace(SETTINGS, ldm_overrides=SETTINGS.ldm_overrides + (("train.num_steps", steps),)))
   assert report["ldm"]["steps"] == steps
   assert report["autoencoder"]["steps"] == first["autoencoder"]["steps"]  # stage 1 not retrained
   with open(os.path.join(longer, "ldm", "metrics.jsonl")) as f:

@@ -35,19 +35,27 @@ def _run_pair(workdir: str, num_steps: int) -> None:
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   port = str(_free_port())
+  os.makedirs(workdir, exist_ok=True)
+  # Logs go to files: a pipe read only after the other process ends fills up
+  # (64 KiB of warnings suffice), blocks its writer, and the pair deadlocks.
+  logs = [open(os.path.join(workdir, f"process_{i}.log"), "w") for i in range(2)]
   procs = [
       subprocess.Popen([sys.executable, WORKER, str(i), port, workdir, str(num_steps), CACHE], env=env,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                       stdout=logs[i], stderr=subprocess.STDOUT)
       for i in range(2)
   ]
   try:
-    outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+    for p in procs:
+      p.wait(timeout=TIMEOUT_S)
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for i, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{out[-4000:]}"
+    for log in logs:
+      log.close()
+  for i, p in enumerate(procs):
+    with open(logs[i].name) as f:
+      assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{f.read()[-4000:]}"
 
 
 def _losses(workdir: str) -> dict[int, float]:
