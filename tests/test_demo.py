@@ -142,7 +142,8 @@ def test_a_rerun_with_more_stage2_steps_continues_it(demo_run, tmp_path):
   longer = str(tmp_path / "longer")
   shutil.copytree(workdir, longer)
   steps = first["ldm"]["steps"] + 2
-  report = run_demo(longer, dataclasses.replace(SETTINGS, ldm_overrides=SETTINGS.ldm_overrides + (("train.num_steps", steps),)))
+  more_steps = SETTINGS.ldm_overrides + (("train.num_steps", steps),)
+  report = run_demo(longer, dataclasses.replace(SETTINGS, ldm_overrides=more_steps))
   assert report["ldm"]["steps"] == steps
   assert report["autoencoder"]["steps"] == first["autoencoder"]["steps"]  # stage 1 not retrained
   with open(os.path.join(longer, "ldm", "metrics.jsonl")) as f:
