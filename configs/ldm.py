@@ -67,7 +67,9 @@ def _base() -> ml_collections.ConfigDict:
   c.ldm = C(dict(use_label_emb=False, null_label=0, cache_latents=False))
   c.diffusion = C(dict(
       schedule="linear", timesteps=1000, linear_start=0.0015, linear_end=0.0195, prediction_type="eps",
-      loss_type="l2", weighting="none", cond_dropout=0.0, drop_concat=False))
+      loss_type="l2", weighting="none", cond_dropout=0.0, drop_concat=False,
+      # t ~ U{0..T-1} as the reference; "logit_normal": t = T * sigmoid(loc + scale * N(0, 1)) (SD3).
+      timestep_sampling="uniform", timestep_loc=0.0, timestep_scale=1.0))
   c.optim = default_optim_config()
   c.optim.update(name="adamw", weight_decay=0.0, scale_lr_by_batch=True)  # base_learning_rate * batch
   c.ema = C(dict(decay=0.9999))

@@ -134,6 +134,31 @@ def test_sample_timesteps_covers_range():
   np.testing.assert_allclose(np.bincount(t) / 20000, 0.1, atol=0.01)
 
 
+def logit_normal_cdf(k: np.ndarray, T: int, loc: float, scale: float) -> np.ndarray:
+  """P(t <= k) for t = floor(T * sigmoid(loc + scale * n)): Phi((logit((k + 1) / T) - loc) / scale)."""
+  from scipy.stats import norm
+  u = np.clip((k + 1) / T, 1e-12, 1 - 1e-12)
+  return norm.cdf((np.log(u / (1 - u)) - loc) / scale)
+
+
+@pytest.mark.parametrize("loc,scale", [(0.0, 1.0), (-0.85, 1.0), (0.5, 0.6)])
+def test_logit_normal_timesteps_match_the_closed_form_cdf(loc, scale):
+  T, n = 1000, 200_000
+  t = np.asarray(sample_timesteps(jax.random.key(3), n, T, "logit_normal", loc, scale))
+  assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= T - 1
+  k = np.arange(T)
+  empirical = np.cumsum(np.bincount(t, minlength=T)) / n
+  # Kolmogorov-Smirnov: 1.95 / sqrt(n) is the 0.1% critical value.
+  assert np.abs(empirical - logit_normal_cdf(k, T, loc, scale)).max() < 1.95 / np.sqrt(n)
+
+
+def test_timestep_sampling_rejects_unknown_kinds_and_scales():
+  with pytest.raises(ValueError, match="unknown timestep_sampling 'lognormal'"):
+    sample_timesteps(jax.random.key(0), 4, 10, "lognormal")
+  with pytest.raises(ValueError, match="timestep_scale must be > 0"):
+    sample_timesteps(jax.random.key(0), 4, 10, "logit_normal", 0.0, 0.0)
+
+
 def test_loss_buckets_match_numpy_inside_jit():
   rng = np.random.default_rng(1)
   t = np.concatenate([rng.integers(0, 300, 40), rng.integers(700, 1000, 24)])  # buckets 3..6 stay empty

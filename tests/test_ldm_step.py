@@ -97,6 +97,21 @@ def test_mismatched_pieces_fail_naming_both_values(setup):
     build_model(bad, fs_config, 1.0, tokenizer)
 
 
+def test_configured_timestep_sampling_reaches_the_step(setup):
+  config, _, model, _, _ = setup
+  logit_normal = config.copy_and_resolve_references()
+  logit_normal.diffusion.update(timestep_sampling="logit_normal", timestep_loc=-1.0, timestep_scale=0.5)
+  T, n = 1000, 50_000
+  big_batch = {"latent_mean": jnp.zeros((n, 1, 1, 1))}  # only its shape is read
+  t = np.asarray(ldm_step.draw_randomness(model, step_config(logit_normal), jax.random.key(0), big_batch, T)["t"])
+  # sigmoid(-1 + 0.5 n): median T * sigmoid(-1) = 268.9; uniform would put it at 499.5.
+  assert abs(np.median(t) - 268.9) < 5
+  assert np.mean(t > 500) < 0.03  # P(n > 2) = 2.3%
+  logit_normal.diffusion.timestep_sampling = "lognormal"
+  with pytest.raises(ValueError, match="unknown timestep_sampling 'lognormal'"):
+    step_config(logit_normal)
+
+
 @pytest.fixture(scope="module")
 def plain_step(setup):
   config, _, model, frozen, _ = setup

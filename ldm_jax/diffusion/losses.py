@@ -17,9 +17,38 @@ LOSS_TYPES = ("l2", "l1")
 WEIGHTINGS = ("none", "min_snr")
 
 
-def sample_timesteps(rng: jax.Array, batch: int, num_timesteps: int) -> jax.Array:
-  """Uniform integer timesteps in ``[0, num_timesteps)``, shape ``(batch,)``."""
-  return jax.random.randint(rng, (batch,), 0, num_timesteps, dtype=jnp.int32)
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def check_timestep_sampling(kind: str, scale: float) -> None:
+  """Raises ``ValueError`` naming what :func:`sample_timesteps` cannot draw."""
+  if kind not in TIMESTEP_SAMPLINGS:
+    raise ValueError(f"unknown timestep_sampling {kind!r}; expected one of {TIMESTEP_SAMPLINGS}")
+  if kind == "logit_normal" and not scale > 0:
+    raise ValueError(f"timestep_scale must be > 0 for logit_normal sampling, got {scale}")
+
+
+def sample_timesteps(
+    rng: jax.Array,
+    batch: int,
+    num_timesteps: int,
+    kind: Literal["uniform", "logit_normal"] = "uniform",
+    loc: float = 0.0,
+    scale: float = 1.0,
+) -> jax.Array:
+  """Integer training timesteps in ``[0, num_timesteps)``, shape ``(batch,)``.
+
+  ``uniform``: the reference's ``t ~ U{0..T-1}``. ``logit_normal``: ``t =
+  floor(T * sigmoid(loc + scale * n))``, ``n ~ N(0, 1)`` (Esser et al. 2024,
+  SD3), which spends the steps on the middle noise levels where content
+  forms; ``loc < 0`` moves them towards less noise. The density multiplies
+  whatever loss weighting is also configured.
+  """
+  check_timestep_sampling(kind, scale)
+  if kind == "uniform":
+    return jax.random.randint(rng, (batch,), 0, num_timesteps, dtype=jnp.int32)
+  u = jax.nn.sigmoid(loc + scale * jax.random.normal(rng, (batch,), jnp.float32))
+  return jnp.clip(jnp.floor(u * num_timesteps), 0, num_timesteps - 1).astype(jnp.int32)
 
 
 def min_snr_weight(alpha_bar_B: jax.Array, prediction_type: str, gamma: float = 5.0) -> jax.Array:

@@ -2,7 +2,7 @@
 
 One step: latents of the batch (a fresh posterior sample for KL first
 stages, or cached moments), condition dropout for classifier-free guidance,
-``t ~ U{0..T-1}``, ``z_t = q_sample(z, t, ε)``, the loss of the configured
+``t`` (uniform or logit-normal), ``z_t = q_sample(z, t, ε)``, the loss of the configured
 parameterisation, gradients (accumulated over micro-batches in a
 ``lax.scan`` when asked), optimiser update and EMA. Metrics stay on device.
 """
@@ -29,6 +29,9 @@ class LDMStepConfig:
   prediction_type: str = "eps"
   loss_type: str = "l2"
   weighting: str = "none"  # none | min_snr
+  timestep_sampling: str = "uniform"  # uniform | logit_normal (with timestep_loc, timestep_scale)
+  timestep_loc: float = 0.0
+  timestep_scale: float = 1.0
   cond_dropout: float = 0.0  # p of replacing the condition by the null one (CFG)
   drop_concat: bool = False  # whether CFG dropout also zeroes concat conditioning
   ema_decay: float = 0.9999  # 0 disables EMA
@@ -84,7 +87,7 @@ def draw_randomness(model: LatentDiffusion, cfg: LDMStepConfig, rng: jax.Array, 
     latent_shape = (b, h // f, w // f, model.latent_channels)
   k_t, k_noise, k_z, k_drop, k_mask = jax.random.split(rng, 5)
   draws = {
-      "t": sample_timesteps(k_t, latent_shape[0], T),
+      "t": sample_timesteps(k_t, latent_shape[0], T, cfg.timestep_sampling, cfg.timestep_loc, cfg.timestep_scale),
       "noise": jax.random.normal(k_noise, latent_shape),
       "posterior_noise": jax.random.normal(k_z, latent_shape),
       "drop": jax.random.bernoulli(k_drop, cfg.cond_dropout, (latent_shape[0],)),

@@ -20,6 +20,7 @@ import numpy as np
 from ldm_jax.data import make_iterator, to_global_array
 from ldm_jax.data.tokenizers import load_tokenizer, tokenize
 from ldm_jax.diffusion.config import SamplerConfig
+from ldm_jax.diffusion.losses import check_timestep_sampling
 from ldm_jax.diffusion.schedules import make_schedule
 from ldm_jax.image_grid import make_grid, save_png
 from ldm_jax.models.build import build_latent_diffusion
@@ -71,9 +72,13 @@ def build_model(config: ml_collections.ConfigDict, first_stage_config: dict, sca
 
 def step_config(config: ml_collections.ConfigDict) -> ldm_step.LDMStepConfig:
   d = config.diffusion
+  check_timestep_sampling(d.get("timestep_sampling", "uniform"), d.get("timestep_scale", 1.0))
   return ldm_step.LDMStepConfig(
       prediction_type=d.prediction_type, loss_type=d.loss_type, weighting=d.weighting, cond_dropout=d.cond_dropout,
       drop_concat=d.drop_concat, ema_decay=config.ema.decay, grad_accum_steps=config.train.grad_accum_steps,
+      # Runs saved before these keys existed sampled uniformly.
+      timestep_sampling=d.get("timestep_sampling", "uniform"), timestep_loc=d.get("timestep_loc", 0.0),
+      timestep_scale=d.get("timestep_scale", 1.0),
   )
 
 
@@ -188,6 +193,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   # Mesh.
   mesh = make_mesh(config.mesh)
   check_batch_size(config.train.batch_size, mesh)
+  step_cfg = step_config(config)  # a bad diffusion setting fails here, before anything loads
 
   # First stage, frozen.
   fs_variables, fs_config, fs_scale = resolve_first_stage(config.first_stage, config.data.image_size)
@@ -236,7 +242,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
   # State and step.
   tx, _ = make_optimizer(config.optim, config.train.num_steps, config.train.batch_size)
-  step_cfg = step_config(config)
   init_fn = ldm_step.make_init_fn(model, tx, step_cfg, example, frozen, latent_shape)
   step_fn = ldm_step.make_train_step(model, schedule, tx, step_cfg)
 
