@@ -115,7 +115,8 @@ def _shapes(c, variant: str) -> None:
   # Many small steps: 1000 steps of 32 gave colour but not yet shapes.
   c.unet = C(dict(
       image_size=16, in_channels=3, out_channels=3, model_channels=32, num_res_blocks=1, attention_resolutions=(2, 4),
-      channel_mult=(1, 2, 4), num_head_channels=32, use_spatial_transformer=False, norm_num_groups=16))
+      channel_mult=(1, 2, 4), num_head_channels=32, use_spatial_transformer=False, norm_num_groups=16,
+      use_scale_shift_norm=False))  # named so that --ldm unet.use_scale_shift_norm=True can override it
   c.optim.update(learning_rate=1e-3, scale_lr_by_batch=False, schedule="cosine", warmup_steps=100, grad_clip_norm=1.0)
   c.ema.decay = 0.999
   # Min-SNR-5 loss weighting (Hang et al. 2023): reported ~3x faster
