@@ -72,3 +72,29 @@ def tiny_txt2img_run(tmp_path_factory) -> dict:
       train(config, run["workdir"])
       (root / "done").touch()
   return run
+
+
+# Longest files first, so that under `pytest -n 2 --dist loadfile` the two
+# workers finish together instead of one running a long file alone at the end
+# (xdist hands out files in collection order once `--no-loadscope-reorder`
+# stops it from sorting them by test count). Seconds of one worker's time in a
+# cold-cache run on a 2-core machine (`--durations=0`, summed per file); the
+# rest keep their alphabetical order after these.
+FILE_SECONDS = {
+    "test_train_ldm_variants.py": 338,
+    "test_demo.py": 282,
+    "test_sample_cli.py": 271,
+    "test_multiprocess.py": 173,
+    "test_sharding.py": 164,
+    "test_train_autoencoder.py": 125,
+    "test_ldm_step.py": 105,
+    "test_interop_pretrained.py": 100,
+    "test_samplers_gaussian.py": 64,
+    "test_autoencoder_loss.py": 60,
+    "test_unet_model.py": 58,
+    "test_eval_shapes_judge.py": 58,
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+  items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: within a file, and the rest
