@@ -81,18 +81,18 @@ def tiny_txt2img_run(tmp_path_factory) -> dict:
 # cold-cache run on a 2-core machine (`--durations=0`, summed per file); the
 # rest keep their alphabetical order after these.
 FILE_SECONDS = {
-    "test_train_ldm_variants.py": 338,
-    "test_demo.py": 282,
-    "test_sample_cli.py": 271,
-    "test_multiprocess.py": 173,
-    "test_sharding.py": 164,
-    "test_train_autoencoder.py": 125,
-    "test_ldm_step.py": 105,
-    "test_interop_pretrained.py": 100,
-    "test_samplers_gaussian.py": 64,
-    "test_autoencoder_loss.py": 60,
-    "test_unet_model.py": 58,
-    "test_eval_shapes_judge.py": 58,
+    "test_demo.py": 232,
+    "test_train_ldm_variants.py": 190,
+    "test_sample_cli.py": 166,
+    "test_interop_pretrained.py": 148,
+    "test_multiprocess.py": 123,
+    "test_train_autoencoder.py": 118,
+    "test_sharding.py": 84,
+    "test_samplers_gaussian.py": 70,
+    "test_eval_shapes_judge.py": 61,
+    "test_benchmarks.py": 57,
+    "test_autoencoder_loss.py": 53,
+    "test_unet_model.py": 51,
 }
 
 
