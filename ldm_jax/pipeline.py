@@ -1,7 +1,7 @@
 """Sampling from a latent diffusion model: text/class/layout-to-image,
 image-to-image, inpainting and super-resolution, sharded over a mesh.
 
-One ``jax.jit`` program per static setting (sampler config, image size,
+One ``jax.jit`` program per static setting (model, sampler config, image size,
 strength, whether guidance is used) runs conditioning, the whole sampler
 ``lax.scan`` and the decoder; seeds, guidance scales, prompts and weights
 are traced arguments, so changing them never recompiles.
@@ -61,10 +61,6 @@ class LDMPipeline:
   def __post_init__(self):
     if self.mesh is None:
       self.mesh = Mesh(np.asarray(jax.devices()).reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
-    self._program = jax.jit(
-        functools.partial(_generate, self.model, self.schedule),
-        static_argnames=("sampler_config", "strength", "guided", "blend"),
-    )
 
   # ---------------------------------------------------------------- public
   def text_to_image(self, prompts: Sequence[str], *, negative_prompt: str | Sequence[str] = "", **kw) -> np.ndarray:
@@ -192,10 +188,10 @@ class LDMPipeline:
         put(np.asarray(init_images, np.float32)) if init_images is not None else None,
         put(mask[..., None]) if (mask is not None and self.model.concat_kind != "inpaint") else None,
     )
-    static = dict(sampler_config=sampler, strength=strength, guided=guided,
+    static = dict(model=self.model, sampler_config=sampler, strength=strength, guided=guided,
                   blend=mask is not None and self.model.concat_kind != "inpaint")
-    compile_in_lockstep(self._program, *args, name="sample", **static)  # multi-process: start together
-    images = self._program(*args, **static)
+    compile_in_lockstep(_generate, self.schedule, *args, name="sample", **static)  # multi-process: start together
+    images = _generate(self.schedule, *args, **static)
     images = multihost_utils.process_allgather(images, tiled=True)[:n]
     if output_type == "float":
       return (np.asarray(images, np.float32) + 1.0) / 2.0
@@ -232,8 +228,11 @@ def _pad(a: np.ndarray, rows: int) -> np.ndarray:
   return np.concatenate([a, np.repeat(a[-1:], rows - a.shape[0], axis=0)], axis=0)
 
 
+# One program shared by every pipeline: the model (a hashable frozen
+# dataclass) is static and the schedule is traced, so pipelines loaded from
+# equal configs reuse one compile instead of tracing their own.
+@functools.partial(jax.jit, static_argnames=("model", "sampler_config", "strength", "guided", "blend"))
 def _generate(
-    model: LatentDiffusion,
     schedule: DiffusionSchedule,
     params,
     frozen,
@@ -246,6 +245,7 @@ def _generate(
     init_images,
     keep_mask,
     *,
+    model: LatentDiffusion,
     sampler_config: SamplerConfig,
     strength: float | None,
     guided: bool,

@@ -106,30 +106,62 @@ def _module(cls: type, fields: dict[str, Any], kind: str, build: Callable[..., n
   return (build or cls)(**fields)
 
 
-def _caption_tokens(cond_tokens_BxL, empty_ids: tuple[int, ...], pad_id: int) -> np.ndarray:
-  b, length = np.shape(cond_tokens_BxL)
-  row = (list(empty_ids) + [pad_id] * length)[:length]
-  return np.tile(np.asarray(row, np.int32), (b, 1))
+# The null-input makers are frozen dataclasses, not closures, so that equal
+# configs build equal (hashable) models: the sampling program is jitted with
+# the model static and is shared by every pipeline of the same model.
+@dataclasses.dataclass(frozen=True)
+class EmptyCaption:
+  """Token rows of the empty caption ``""``, as many as the conditional rows."""
+
+  empty_ids: tuple[int, ...]
+  pad_id: int
+
+  def __call__(self, cond_tokens_BxL: Any) -> np.ndarray:
+    b, length = np.shape(cond_tokens_BxL)
+    row = (list(self.empty_ids) + [self.pad_id] * length)[:length]
+    return np.tile(np.asarray(row, np.int32), (b, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class NullClass:
+  """The null class label, in the labels' shape."""
+
+  label: int
+
+  def __call__(self, labels: Any) -> np.ndarray:
+    return np.full(np.shape(labels), self.label, np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmptyLayout:
+  """Layout tokens without objects, one row per conditional row."""
+
+  module: LayoutEncoder
+
+  def __call__(self, cond_tokens_BxL: Any) -> np.ndarray:
+    return self.module.empty_layout_tokens(np.shape(cond_tokens_BxL)[0])
+
+
+def _no_input(cond: Any) -> None:
+  return None
 
 
 def _none(fields, reserved) -> CondStage:
   if fields:
     raise ValueError(f"cond_stage kind 'none' takes no fields, got {sorted(fields)}")
-  return CondStage("none", None, False, None, None, lambda cond: None)
+  return CondStage("none", None, False, None, None, _no_input)
 
 
 def _class(fields, reserved) -> CondStage:
   module = _module(ClassEmbedder, fields, "class")
-  null = partial(lambda n, labels: np.full(np.shape(labels), n, np.int32), module.null_class)
+  null = NullClass(module.null_class)
   return CondStage("class", module, True, "crossattn", module.embed_dim, null, checkpoint_prefix="cond_stage_model.")
 
 
 def _text(fields, reserved) -> CondStage:
   module = _module(LDMBert, fields, "text")
-  null = partial(
-      _caption_tokens,
-      empty_ids=tuple(reserved.get("empty_token_ids", _BERT_EMPTY)),
-      pad_id=reserved.get("pad_token_id", _BERT_PAD),
+  null = EmptyCaption(
+      tuple(reserved.get("empty_token_ids", _BERT_EMPTY)), reserved.get("pad_token_id", _BERT_PAD)
   )
   return CondStage(
       "text", module, True, "crossattn", module.n_embed, null,
@@ -140,10 +172,8 @@ def _text(fields, reserved) -> CondStage:
 def _clip(fields, reserved) -> CondStage:
   preset = reserved.get("preset", "sd_v1")
   module = _module(CLIPTextModel, fields, "clip", partial(clip_text_from_preset, preset))
-  null = partial(
-      _caption_tokens,
-      empty_ids=tuple(reserved.get("empty_token_ids", _CLIP_EMPTY)),
-      pad_id=reserved.get("pad_token_id", _CLIP_PAD.get(preset, 49407)),
+  null = EmptyCaption(
+      tuple(reserved.get("empty_token_ids", _CLIP_EMPTY)), reserved.get("pad_token_id", _CLIP_PAD.get(preset, 49407))
   )
   ignore = (r"^text_projection\.",) if module.projection_dim is None else ()
   return CondStage(
@@ -154,7 +184,7 @@ def _clip(fields, reserved) -> CondStage:
 
 def _layout(fields, reserved) -> CondStage:
   module = _module(LayoutEncoder, fields, "layout")
-  null = lambda cond_tokens_BxL: module.empty_layout_tokens(np.shape(cond_tokens_BxL)[0])  # noqa: E731
+  null = EmptyLayout(module)
   return CondStage(
       "layout", module, True, "crossattn", module.n_embed, null,
       checkpoint_prefix="cond_stage_model.transformer.", ignore_keys=LDMBert.unused_checkpoint_keys,
