@@ -84,6 +84,19 @@ def test_descriptions_and_unconditional_inputs():
   np.testing.assert_array_equal(identity.unconditional(x), np.zeros_like(x))
 
 
+@pytest.mark.parametrize("fields", [
+    dict(kind="none"), dict(kind="class", embed_dim=8, n_classes=11), dict(kind="text", n_embed=32, n_layer=1),
+    dict(kind="clip", preset="sd_v2"), dict(kind="layout"), dict(kind="concat", n_stages=1, in_channels=3),
+], ids=lambda f: f["kind"])
+def test_equal_configs_build_equal_hashable_stages(fields):
+  # The sampling program is jitted with the model static, so pipelines of equal
+  # configs share it only if their stages (null-input makers included) compare equal.
+  a, b = make_cond_stage(cfg(**fields)), make_cond_stage(cfg(**fields))
+  assert a == b and hash(a) == hash(b)
+  if fields["kind"] == "class":
+    assert a != make_cond_stage(cfg(**{**fields, "n_classes": 12}))  # another null class
+
+
 def test_random_init_without_checkpoint():
   stage = make_cond_stage(cfg(kind="class", embed_dim=8, n_classes=11))
   labels = np.array([1, 10], np.int32)
