@@ -183,15 +183,15 @@ class LDMPipeline:
     # Kept placed, so weights that arrived elsewhere cross the host once, not on every call.
     self.params, self.frozen = _on_mesh((self.params, self.frozen), self.mesh)
     args = (
-        self.params, self.frozen, put(host), put(uncond_inputs) if guided else None, x_T, k_sample,
+        self.schedule, self.params, self.frozen, put(host), put(uncond_inputs) if guided else None, x_T, k_sample,
         jnp.float32(guidance_scale), jnp.float32(eta),
         put(np.asarray(init_images, np.float32)) if init_images is not None else None,
         put(mask[..., None]) if (mask is not None and self.model.concat_kind != "inpaint") else None,
     )
     static = dict(model=self.model, sampler_config=sampler, strength=strength, guided=guided,
                   blend=mask is not None and self.model.concat_kind != "inpaint")
-    compile_in_lockstep(_generate, self.schedule, *args, name="sample", **static)  # multi-process: start together
-    images = _generate(self.schedule, *args, **static)
+    compile_in_lockstep(_generate, *args, name="sample", **static)  # multi-process: start together
+    images = _generate(*args, **static)
     images = multihost_utils.process_allgather(images, tiled=True)[:n]
     if output_type == "float":
       return (np.asarray(images, np.float32) + 1.0) / 2.0
