@@ -61,7 +61,7 @@ _FIELDS = {f.name: f for f in (_CHECKPOINT, _IMAGES, _METRICS, _RECIPE, _NUM, _S
 
 def main(argv):
   del argv
-  from ldm_jax.evaluation.evaluate import EvalRequest, run
+  from ldm_jax.apps.evaluate import EvalRequest, run
 
   values = {name: holder.value for name, holder in _FIELDS.items()}
   request = EvalRequest(**values, command=list(sys.argv))

@@ -18,7 +18,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
 
 def main(argv):
   del argv
-  from ldm_jax.reconstruct import reconstruct_folder
+  from ldm_jax.apps.reconstruct import reconstruct_folder
 
   report = reconstruct_folder(_CHECKPOINT.value, _INPUT.value, _OUTPUT.value, size=_SIZE.value,
                               batch_size=_BATCH.value)

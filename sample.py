@@ -40,7 +40,7 @@ _OUTPUT = flags.DEFINE_string("output", "samples", "Output directory.")
 
 def main(argv):
   del argv
-  from ldm_jax.sample_cli import SampleRequest, run
+  from ldm_jax.apps.sample import SampleRequest, run
 
   request = SampleRequest(
       checkpoint=_CHECKPOINT.value, prompts=list(_PROMPT.value), prompts_file=_PROMPTS_FILE.value,

@@ -57,12 +57,14 @@ def main(argv=None) -> None:
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   from ldm_jax.diffusion.parameterization import q_sample
   from ldm_jax.diffusion.schedules import make_schedule
   from ldm_jax.models.unet import UNetModel, unet_preset
-  from ldm_jax.training import mesh as mesh_lib, partitioning
+  from ldm_jax.parallel import mesh as mesh_lib
+  from ldm_jax.parallel import partitioning
   from ldm_jax.training.ema import ema_update
   from ldm_jax.training.state import TrainState
 

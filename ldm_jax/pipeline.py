@@ -16,19 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from ldm_jax.data.image_io import to_uint8
+from ldm_jax.data.tokenizers import tokenize
 from ldm_jax.diffusion.config import SamplerConfig
 from ldm_jax.diffusion.driver import sample as run_sampler
 from ldm_jax.diffusion.schedules import DiffusionSchedule
 from ldm_jax.models.latent_diffusion import LatentDiffusion, nearest_downsample
-from ldm_jax.training.distributed import compile_in_lockstep
-from ldm_jax.training.mesh import BATCH_AXES, data_parallel_size
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] float images → uint8."""
-  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+from ldm_jax.parallel.distributed import compile_in_lockstep
+from ldm_jax.parallel.mesh import batch_sharding, data_parallel_mesh, data_parallel_size
 
 
 @dataclasses.dataclass
@@ -60,12 +58,11 @@ class LDMPipeline:
 
   def __post_init__(self):
     if self.mesh is None:
-      self.mesh = Mesh(np.asarray(jax.devices()).reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
+      self.mesh = data_parallel_mesh()
 
   # ---------------------------------------------------------------- public
   def text_to_image(self, prompts: Sequence[str], *, negative_prompt: str | Sequence[str] = "", **kw) -> np.ndarray:
     """Images (uint8 NHWC) for text prompts, with classifier-free guidance."""
-    from ldm_jax.data.tokenizers import tokenize
 
     if self.tokenizer is None:
       raise ValueError("this model has no tokenizer: it is not text-conditional")
@@ -169,7 +166,7 @@ class LDMPipeline:
     elif uncond_inputs is not None:
       uncond_inputs = {**host, **uncond_inputs}
     padded = _pad_rows(n, data_parallel_size(self.mesh))
-    shard = NamedSharding(self.mesh, P(BATCH_AXES))
+    shard = batch_sharding(self.mesh)
     put = lambda tree: jax.tree.map(lambda a: _global(_pad(np.asarray(a), padded), shard), tree)  # noqa: E731
     rng = jax.random.key(seed)
     latent_shape = (height // f, width // f, self.model.latent_channels)

@@ -45,8 +45,8 @@ def tiny_txt2img_run(tmp_path_factory) -> dict:
   from filelock import FileLock
 
   from ldm_jax.config import load_config
-  from ldm_jax.evaluation import feature_nets
   from ldm_jax.evaluation.shapes_judge import ShapesJudge
+  from ldm_jax.interop import feature_nets
 
   base = tmp_path_factory.getbasetemp()
   # Under xdist each worker's basetemp sits in this session's folder; without
@@ -65,7 +65,7 @@ def tiny_txt2img_run(tmp_path_factory) -> dict:
   run = {"workdir": str(root / "run"), "config": config, "judge": judge, "judge_params": params}
   with FileLock(str(shared / "tiny_txt2img.lock")):
     if not (root / "done").exists():
-      from ldm_jax.training.train_ldm import train
+      from ldm_jax.apps.train import train_latent_diffusion as train
 
       root.mkdir(exist_ok=True)
       feature_nets.save_judge(judge, params)

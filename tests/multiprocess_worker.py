@@ -4,7 +4,7 @@
 
 Joins the job through ``setup_runtime`` (our ``jax.distributed.initialize``
 path) with 4 CPU devices of its own, trains the tiny class-conditional LDM
-with ``train_ldm.train`` on a (data=2, fsdp=4) mesh spanning both processes
+with ``train_latent_diffusion`` on a (data=2, fsdp=4) mesh spanning both processes
 (resuming if WORKDIR holds a checkpoint), and process 0 writes the gathered
 final parameters to ``WORKDIR/final_params.npz``.
 """
@@ -27,9 +27,9 @@ def main(process_id: int, port: int, workdir: str, num_steps: int, cache_dir: st
   from flax import traverse_util
   from jax.experimental import multihost_utils
 
+  from ldm_jax.apps.train import train_latent_diffusion as train
   from ldm_jax.config import load_config
-  from ldm_jax.training.runtime import setup_runtime
-  from ldm_jax.training.train_ldm import train
+  from ldm_jax.parallel.runtime import setup_runtime
 
   setup_runtime(compilation_cache_dir=cache_dir, coordinator_address=f"localhost:{port}", num_processes=2,
                 process_id=process_id)

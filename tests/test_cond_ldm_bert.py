@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_cond_helpers import assert_close, random_variables
 from scipy.special import erf
+from test_cond_helpers import assert_close, random_variables
 
 from ldm_jax.interop import naming
 from ldm_jax.models.ldm_bert import LDMBert

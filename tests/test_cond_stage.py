@@ -11,9 +11,10 @@ from safetensors import numpy as safetensors_numpy
 from test_cond_helpers import random_variables
 
 from ldm_jax.interop import naming
+from ldm_jax.interop.cond_stage import cond_stage_variables
 from ldm_jax.models.clip_text import CLIPTextModel
-from ldm_jax.models.conditioners import ClassEmbedder, LayoutEncoder, SpatialRescaler
 from ldm_jax.models.cond_stage import make_cond_stage
+from ldm_jax.models.conditioners import ClassEmbedder, LayoutEncoder, SpatialRescaler
 from ldm_jax.models.ldm_bert import LDMBert
 
 TINY_CLIP = dict(kind="clip", preset="tiny", vocab_size=99, max_position_embeddings=16)
@@ -120,7 +121,7 @@ def test_loads_sd_v1_single_file_layout(tmp_path, tiny_clip):
   path = os.path.join(tmp_path, "sd-v1.safetensors")
   save_file(sd, path)
   stage = make_cond_stage(cfg(**TINY_CLIP, checkpoint=path))
-  assert_same_variables(stage.init(jax.random.key(0), ids), variables)
+  assert_same_variables(cond_stage_variables(stage, jax.random.key(0), ids), variables)
 
 
 def test_loads_transformers5_text_encoder_folder(tmp_path, tiny_clip):
@@ -129,7 +130,7 @@ def test_loads_transformers5_text_encoder_folder(tmp_path, tiny_clip):
   assert "encoder.layers.0.mlp.fc1.weight" in flat
   save_file(flat, os.path.join(tmp_path, "model.safetensors"))
   stage = make_cond_stage(cfg(**TINY_CLIP, checkpoint=str(tmp_path)))
-  assert_same_variables(stage.init(jax.random.key(0), ids), variables)
+  assert_same_variables(cond_stage_variables(stage, jax.random.key(0), ids), variables)
 
 
 def to_openclip(variables, prefix):
@@ -162,7 +163,7 @@ def test_loads_sd_v2_openclip_layout(tmp_path):
   variables = random_variables(stage.module, ids, seed=2)
   path = os.path.join(tmp_path, "sd-v2.safetensors")
   save_file(to_openclip(variables, "cond_stage_model.model."), path)
-  loaded = make_cond_stage(cfg(**fields, checkpoint=path)).init(jax.random.key(0), ids)
+  loaded = cond_stage_variables(make_cond_stage(cfg(**fields, checkpoint=path)), jax.random.key(0), ids)
   assert_same_variables(loaded, variables)
 
 
@@ -176,17 +177,28 @@ def test_loads_ldm_bert_with_unused_logits_head(tmp_path):
   sd["cond_stage_model.transformer.to_logits.bias"] = np.ones((40,), np.float32)
   path = os.path.join(tmp_path, "txt2img.safetensors")
   save_file(sd, path)
-  loaded = make_cond_stage(cfg(**fields, checkpoint=path)).init(jax.random.key(0), tokens)
+  loaded = cond_stage_variables(make_cond_stage(cfg(**fields, checkpoint=path)), jax.random.key(0), tokens)
   assert_same_variables(loaded, variables)
   # The same as a PyTorch Lightning .ckpt (weights under "state_dict").
   torch = pytest.importorskip("torch")
   ckpt = os.path.join(tmp_path, "txt2img.ckpt")
   torch.save({"state_dict": {k: torch.tensor(np.ascontiguousarray(v)) for k, v in sd.items()}}, ckpt)
-  loaded = make_cond_stage(cfg(**fields, checkpoint=ckpt)).init(jax.random.key(0), tokens)
+  loaded = cond_stage_variables(make_cond_stage(cfg(**fields, checkpoint=ckpt)), jax.random.key(0), tokens)
   assert_same_variables(loaded, variables)
 
 
 def test_missing_checkpoint_is_named(tmp_path):
   stage = make_cond_stage(cfg(**TINY_CLIP, checkpoint=os.path.join(tmp_path, "nope.safetensors")))
   with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-    stage.init(jax.random.key(0), np.zeros((1, 4), np.int32))
+    cond_stage_variables(stage, jax.random.key(0), np.zeros((1, 4), np.int32))
+
+
+def test_cond_stage_variables_without_checkpoint_and_init_with_one(tmp_path):
+  assert cond_stage_variables(make_cond_stage(cfg(kind="none")), jax.random.key(0), None) is None
+  stage = make_cond_stage(cfg(kind="class", embed_dim=8, n_classes=11))
+  labels = np.array([1, 10], np.int32)
+  assert_same_variables(cond_stage_variables(stage, jax.random.key(0), labels), stage.init(jax.random.key(0), labels))
+  # The module never reads files: a stage with a checkpoint points to the reader.
+  with_file = make_cond_stage(cfg(kind="class", embed_dim=8, n_classes=11, checkpoint=str(tmp_path / "c.safetensors")))
+  with pytest.raises(ValueError, match="ldm_jax.interop.cond_stage.cond_stage_variables"):
+    with_file.init(jax.random.key(0), labels)

@@ -5,11 +5,11 @@ import logging
 import ml_collections
 import numpy as np
 import pytest
+from tiny_clip_vocab import write_clip_vocab
 
 from ldm_jax.data import captioned_shapes as cs
 from ldm_jax.data import tokenizers
 from ldm_jax.data.tokenizers import SHAPES_SPECIAL_TOKENS, build_shapes_tokenizer, load_tokenizer, tokenize
-from tiny_clip_vocab import write_clip_vocab
 
 
 def _config(kind, path="", max_length=77):

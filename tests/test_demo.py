@@ -14,11 +14,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm_jax.apps.demo import (
+  GRID_FILE,
+  RESULTS_FILE,
+  SIZE_NAMES,
+  DemoPreempted,
+  DemoSettings,
+  demo_configs,
+  first_stage_round_trip,
+  judged_prompts,
+  parse_override,
+  run_demo,
+)
 from ldm_jax.data import captioned_shapes as shapes
-from ldm_jax.demo import (GRID_FILE, RESULTS_FILE, SIZE_NAMES, DemoPreempted, DemoSettings, demo_configs,
-                          first_stage_round_trip, judged_prompts, parse_override, run_demo)
 from ldm_jax.evaluation import shapes_judge
-from ldm_jax.training.first_stage_io import load_first_stage
+from ldm_jax.interop.load import load_first_stage
 
 # A constant learning rate keeps stage 2's compiled step independent of
 # train.num_steps, so the continuation test reuses it instead of compiling anew.
@@ -127,11 +137,12 @@ def test_rerun_resumes_without_training_again(demo_run):
 def test_a_preempted_stage_stops_the_demo_before_sampling(tmp_path, monkeypatch):
   # SIGTERM during a stage makes its train() return preempted (tests/test_training_loop.py);
   # the demo must then stop rather than sample and judge a half-trained model.
-  from ldm_jax.training import train_autoencoder, train_ldm
+  from ldm_jax.apps import train as train_app
 
-  monkeypatch.setattr(train_autoencoder, "train", lambda config, workdir: types.SimpleNamespace(
+  monkeypatch.setattr(train_app, "train_first_stage", lambda config, workdir: types.SimpleNamespace(
       preempted=False, step=10))
-  monkeypatch.setattr(train_ldm, "train", lambda config, workdir: types.SimpleNamespace(preempted=True, step=7))
+  monkeypatch.setattr(train_app, "train_latent_diffusion",
+                      lambda config, workdir: types.SimpleNamespace(preempted=True, step=7))
   with pytest.raises(DemoPreempted, match=r"stage 2 was stopped \(SIGTERM\) at step 7.*run the same command"):
     run_demo(str(tmp_path), SETTINGS)
   assert not os.path.exists(tmp_path / RESULTS_FILE) and not os.path.exists(tmp_path / GRID_FILE)
@@ -153,7 +164,7 @@ def test_a_rerun_with_more_stage2_steps_continues_it(demo_run, tmp_path):
 
 
 def test_stage2_refuses_to_resume_on_another_first_stage(demo_run, tmp_path):
-  from ldm_jax.training import train_ldm
+  from ldm_jax.apps.train import train_latent_diffusion
   from ldm_jax.training.first_stage_copy import load_first_stage_copy, save_first_stage_copy
 
   workdir, _ = demo_run
@@ -166,12 +177,12 @@ def test_stage2_refuses_to_resume_on_another_first_stage(demo_run, tmp_path):
   nudged = jax.tree.map(lambda a: np.asarray(a) + 1e-3, variables)
   save_first_stage_copy(copy_dir, nudged, fs_config, scale)
   with pytest.raises(ValueError, match="trained on another first stage: the one it saved and .* differ in their weights"):
-    train_ldm.train(ldm_config, os.path.join(moved, "ldm"))
+    train_latent_diffusion(ldm_config, os.path.join(moved, "ldm"))
   # Without checkpoints there is nothing to protect: stage 2 starts over, and drops latents cached from the old one.
   save_first_stage_copy(copy_dir, nudged, fs_config, scale * 2)
   shutil.rmtree(os.path.join(moved, "ldm", "checkpoints"))
   stale_cache = os.path.join(moved, "ldm", "latent_cache", "process_0.npz")
   os.makedirs(os.path.dirname(stale_cache))
   np.savez(stale_cache, latent_mean=np.ones((2, 4, 4, 3), np.float32))
-  result = train_ldm.train(ldm_config, os.path.join(moved, "ldm"))
+  result = train_latent_diffusion(ldm_config, os.path.join(moved, "ldm"))
   assert result.step == ldm_config.train.num_steps and not os.path.exists(stale_cache)

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.training import distributed
-from ldm_jax.training.distributed import barrier, compile_in_lockstep
+from ldm_jax.parallel import distributed
+from ldm_jax.parallel.distributed import barrier, compile_in_lockstep
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 

@@ -10,6 +10,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from ldm_jax.evaluation import clip_image, clip_score  # noqa: E402
+from ldm_jax.interop import clip_image as clip_image_io  # noqa: E402
 
 TINY_HF = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, image_size=40,
                patch_size=8, projection_dim=24, hidden_act="quick_gelu", layer_norm_eps=1e-5)
@@ -25,7 +26,7 @@ def tiny(tmp_path_factory):
       p.add_(torch.randn_like(p) * 0.1)
   path = str(tmp_path_factory.mktemp("clip") / "tiny_clip")
   ref.save_pretrained(path)
-  model, variables = clip_image.load_clip_vision_checkpoint(path)
+  model, variables = clip_image_io.load_clip_vision_checkpoint(path)
   return ref, model, variables
 
 
@@ -54,12 +55,12 @@ def test_whole_clip_checkpoint_and_bad_inputs(tiny, tmp_path):
   state = {k: v.numpy() for k, v in ref.state_dict().items()}
   state["text_model.embeddings.token_embedding.weight"] = np.ones((10, 4), np.float32)
   state["logit_scale"] = np.array(2.6592, np.float32)
-  converted = clip_image.convert_clip_vision_state_dict(state, model)
+  converted = clip_image_io.convert_clip_vision_state_dict(state, model)
   jax.tree.map(np.testing.assert_array_equal, converted, variables)
   with pytest.raises(ValueError, match="expects 40x40 images"):
     model.apply(variables, jnp.ones((1, 32, 32, 3)))
   with pytest.raises(ValueError, match="no 'vision_model"):
-    clip_image.convert_clip_vision_state_dict({"text_model.x.weight": np.ones(2)}, model)
+    clip_image_io.convert_clip_vision_state_dict({"text_model.x.weight": np.ones(2)}, model)
 
 
 @pytest.mark.parametrize("height,width", [(50, 70), (300, 260)])  # upsampling, antialiased downsampling

@@ -14,9 +14,10 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from ldm_jax.evaluation.clip_image import preprocess_for_clip  # noqa: E402
-from ldm_jax.evaluation.evaluate import EvalRequest, run  # noqa: E402
 from tiny_clip_vocab import write_clip_vocab  # noqa: E402
+
+from ldm_jax.apps.evaluate import EvalRequest, run  # noqa: E402
+from ldm_jax.evaluation.clip_image import preprocess_for_clip  # noqa: E402
 
 CAPTIONS = ["red cat", "cat", "a red car", "tea", "red", "cab act"]
 LENGTH = 16

@@ -21,9 +21,9 @@ import pytest
 from PIL import Image
 from scipy import linalg
 
-from ldm_jax.evaluation import feature_nets
-from ldm_jax.evaluation.evaluate import EvalRequest, run
+from ldm_jax.apps.evaluate import EvalRequest, run
 from ldm_jax.evaluation.shapes_judge import ShapesJudge
+from ldm_jax.interop import feature_nets
 
 pytestmark = pytest.mark.slow  # a training run, then sampling from its checkpoint
 
@@ -139,4 +139,4 @@ def test_bad_inputs_name_the_problem(setup, tmp_path):
       capture_output=True, text=True, cwd=str(tmp_path), env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode != 0
   assert "--inception_weights file not found: nope.npz" in out.stderr
-  assert "python -m ldm_jax.evaluation.inception --convert" in out.stderr
+  assert "python -m ldm_jax.interop.inception --convert" in out.stderr

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 from scipy import linalg
 
-from ldm_jax.evaluation import feature_metrics, feature_nets
-from ldm_jax.evaluation.evaluate import EvalRequest, run
+from ldm_jax.apps.evaluate import EvalRequest, run
+from ldm_jax.evaluation import feature_metrics
+from ldm_jax.interop import feature_nets
 
 N, SIZE = 12, 32
 

@@ -18,6 +18,7 @@ import pytest
 
 from ldm_jax.evaluation import features
 from ldm_jax.evaluation import inception as inc
+from ldm_jax.interop import inception as inc_io
 from ldm_jax.interop import weights
 from ldm_jax.interop.naming import StateDictMismatchError
 
@@ -209,8 +210,8 @@ def tiny(tmp_path_factory):
   pth, npz = str(tmp / "pt_inception_tiny.pth"), str(tmp / "tiny.npz")
   torch.save(ref.state_dict(), pth)  # includes num_batches_tracked, as real files may
   model = inc.InceptionV3(width_multiplier=WIDTH)
-  inc.convert_inception_checkpoint(pth, npz, model=model)
-  return ref, model, inc.load_inception_params(npz, model=model)
+  inc_io.convert_inception_checkpoint(pth, npz, model=model)
+  return ref, model, inc_io.load_inception_params(npz, model=model)
 
 
 def test_tiny_forward_matches_torch_reference(tiny):
@@ -244,7 +245,7 @@ def test_full_size_names_shapes_and_parameter_count(tmp_path):
   ref = RefFIDInception(1.0)
   state = {k: v.numpy() for k, v in ref.state_dict().items()}
   assert sum(p.numel() for p in ref.parameters()) == FULL_SIZE_PARAMS
-  variables = inc.convert_inception_state_dict(state)  # every key matched and shape-checked
+  variables = inc_io.convert_inception_state_dict(state)  # every key matched and shape-checked
   assert sum(a.size for a in jax.tree.leaves(variables["params"])) == FULL_SIZE_PARAMS
   shapes = jax.eval_shape(inc.InceptionV3().apply, variables, jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32))
   assert {k: v.shape for k, v in shapes.items()} == {"pool": (2, 2048), "logits": (2, 1008),
@@ -252,8 +253,8 @@ def test_full_size_names_shapes_and_parameter_count(tmp_path):
   # The command-line converter writes the same variables.
   pth, out = str(tmp_path / "full.pth"), str(tmp_path / "full.safetensors")
   torch.save(ref.state_dict(), pth)
-  inc.main(["--convert", pth, "--out", out])
-  loaded = inc.load_inception_params(out)
+  inc_io.main(["--convert", pth, "--out", out])
+  loaded = inc_io.load_inception_params(out)
   jax.tree.map(np.testing.assert_array_equal, loaded, variables)
 
 
@@ -264,15 +265,15 @@ def test_conversion_and_loading_errors(tmp_path):
   state["Mixed_5b.branch_pool.conv.weight"] = state["Mixed_5b.branch_pool.conv.weight"][:1]
   del state["fc.bias"]
   with pytest.raises(StateDictMismatchError, match=r"(?s)fc/bias.*Mixed_5b\.branch_pool\.conv\.weight"):
-    inc.convert_inception_state_dict(state, model)
+    inc_io.convert_inception_state_dict(state, model)
   wrong_width = str(tmp_path / "wrong_width.npz")
-  weights.save_variables(wrong_width, inc.convert_inception_state_dict(state_ok, model))
+  weights.save_variables(wrong_width, inc_io.convert_inception_state_dict(state_ok, model))
   wider = inc.InceptionV3(width_multiplier=0.25)
   with pytest.raises(StateDictMismatchError, match=r"(?s)wrong_width\.npz.*Conv2d_1a_3x3/bn/mean: file \(4,\)"):
-    inc.load_inception_params(wrong_width, model=wider)
+    inc_io.load_inception_params(wrong_width, model=wider)
   missing = str(tmp_path / "nowhere" / "fid_inception.npz")
   with pytest.raises(FileNotFoundError, match=r"(?s)nowhere/fid_inception\.npz.*--convert"):
-    inc.load_inception_params(missing)
+    inc_io.load_inception_params(missing)
 
 
 @pytest.mark.slow
@@ -295,7 +296,7 @@ def test_full_size_matches_pytorch_fid_when_installed(monkeypatch):
   with torch.no_grad():
     pool = wrapper(torch.from_numpy(images01).permute(0, 3, 1, 2))[0].flatten(1)
     logits = net.fc(pool).numpy()
-  variables = inc.convert_inception_state_dict({k: v.numpy() for k, v in net.state_dict().items()})
+  variables = inc_io.convert_inception_state_dict({k: v.numpy() for k, v in net.state_dict().items()})
   out = jax.jit(inc.InceptionV3().apply)(variables, jnp.asarray(images01 * 2 - 1))
   for name, want in (("pool", pool.numpy()), ("logits", logits)):
     rel = np.abs(np.asarray(out[name]) - want).max() / np.abs(want).max()

@@ -12,8 +12,8 @@ from flax import traverse_util
 from sd_reference import SD_V2_LIKE, make_sd_folder
 
 from ldm_jax.interop import orbax_format
+from ldm_jax.interop.load import load_pipeline
 from ldm_jax.interop.pretrained import load_pretrained_pipeline
-from ldm_jax.loading import load_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 from safetensors.numpy import save_file
-from sd_reference import (
-    SD_V1_LIKE,
-    SD_V2_LIKE,
-    assert_close,
-    diffusers,
-    make_sd_folder,
-    nchw,
-    nhwc,
-    numpy_state,
-    torch,
-)
+from sd_reference import SD_V1_LIKE, SD_V2_LIKE, assert_close, diffusers, make_sd_folder, nchw, nhwc, numpy_state, torch
 
 from ldm_jax.interop.diffusers_unet import diffusers_unet_to_original
 from ldm_jax.interop.diffusers_vae import diffusers_vae_to_original, first_stage_from_diffusers_config

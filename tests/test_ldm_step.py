@@ -10,13 +10,11 @@ import numpy as np
 import optax
 import pytest
 
+from ldm_jax.assembly import build_model, example_inputs, random_first_stage, schedule_from_config, step_config
 from ldm_jax.config import load_config
 from ldm_jax.data.tokenizers import build_shapes_tokenizer, tokenize
 from ldm_jax.training import ldm_step
 from ldm_jax.training.ema import ema_update
-from ldm_jax.training.train_ldm import (
-    build_model, example_inputs, resolve_first_stage, schedule_from_config, step_config,
-)
 
 CAPTIONS = ["a large red circle", "a small blue square", "a large green star", "a small yellow triangle"]
 
@@ -25,7 +23,7 @@ CAPTIONS = ["a large red circle", "a small blue square", "a large green star", "
 def setup():
   config = load_config("configs/ldm.py:shapes_txt2img,tiny")
   tokenizer = build_shapes_tokenizer()
-  variables, fs_config, scale = resolve_first_stage(config.first_stage, config.data.image_size)
+  variables, fs_config, scale = random_first_stage(config.first_stage, config.data.image_size)
   model = build_model(config, fs_config, scale, tokenizer)
   frozen = {"first_stage": variables}
   tokens, _ = tokenize(tokenizer, CAPTIONS, config.data.tokenizer.max_length)
@@ -82,7 +80,7 @@ def test_condition_dropout_rate_and_null_caption(setup):
 
 def test_mismatched_pieces_fail_naming_both_values(setup):
   config, tokenizer, _, frozen, _ = setup
-  _, fs_config, _ = resolve_first_stage(config.first_stage, config.data.image_size)
+  _, fs_config, _ = random_first_stage(config.first_stage, config.data.image_size)
   bad = config.copy_and_resolve_references()
   bad.unet.context_dim = 48
   with pytest.raises(ValueError, match=r"unet.context_dim=48 but the text encoder outputs 32-dim context"):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ldm_jax.interop import lpips as lpips_io
 from ldm_jax.interop.naming import StateDictMismatchError
 from ldm_jax.models import lpips
 
@@ -31,7 +32,7 @@ def state_dicts():
 
 @pytest.fixture(scope="module")
 def params(state_dicts):
-  return lpips.convert_lpips_weights(*state_dicts)
+  return lpips_io.convert_lpips_weights(*state_dicts)
 
 
 def reference_lpips(x, y, vgg, lin):
@@ -102,7 +103,7 @@ def test_converter_reads_torch_files(tmp_path, state_dicts, params):
   vgg, lin = state_dicts
   torch.save({k: torch.from_numpy(v) for k, v in vgg.items()}, tmp_path / "vgg16.pth")
   torch.save({k: torch.from_numpy(v) for k, v in lin.items()}, tmp_path / "vgg.pth")
-  converted = lpips.convert_lpips_weights(tmp_path / "vgg16.pth", tmp_path / "vgg.pth")
+  converted = lpips_io.convert_lpips_weights(tmp_path / "vgg16.pth", tmp_path / "vgg.pth")
   jax.tree.map(np.testing.assert_array_equal, converted, params)
   np.testing.assert_array_equal(  # OIHW -> HWIO
       params["features_5"]["kernel"], vgg["features.5.weight"].transpose(2, 3, 1, 0)
@@ -122,21 +123,21 @@ def test_converter_and_params_files_round_trip(tmp_path, state_dicts, params, su
     save_file(vgg, tmp_path / f"vgg{suffix}")
     save_file(lin, tmp_path / f"lin{suffix}")
   out = tmp_path / f"lpips{suffix}"
-  lpips.main(["--vgg", str(tmp_path / f"vgg{suffix}"), "--lin", str(tmp_path / f"lin{suffix}"), "--out", str(out)])
-  jax.tree.map(np.testing.assert_array_equal, lpips.load_lpips_params(out), params)
+  lpips_io.main(["--vgg", str(tmp_path / f"vgg{suffix}"), "--lin", str(tmp_path / f"lin{suffix}"), "--out", str(out)])
+  jax.tree.map(np.testing.assert_array_equal, lpips_io.load_lpips_params(out), params)
 
 
 def test_missing_and_bad_files_are_explained(tmp_path, state_dicts, params):
   vgg, lin = state_dicts
   with pytest.raises(ValueError, match="at least 16x16"):
     lpips.LPIPS().apply({"params": params}, np.zeros((1, 8, 32, 3)), np.zeros((1, 8, 32, 3)))
-  with pytest.raises(FileNotFoundError, match="python -m ldm_jax.models.lpips --vgg"):
-    lpips.load_lpips_params(tmp_path / "absent.npz")
+  with pytest.raises(FileNotFoundError, match="python -m ldm_jax.interop.lpips --vgg"):
+    lpips_io.load_lpips_params(tmp_path / "absent.npz")
   np.savez(tmp_path / "partial.npz", **{"features_0/kernel": np.zeros((3, 3, 3, 64), np.float32)})
   with pytest.raises(ValueError, match="missing.*features_0/bias"):
-    lpips.load_lpips_params(tmp_path / "partial.npz")
+    lpips_io.load_lpips_params(tmp_path / "partial.npz")
   with pytest.raises(StateDictMismatchError, match="features/28/kernel|features_28/kernel"):
-    lpips.convert_lpips_weights({k: v for k, v in vgg.items() if "28" not in k}, lin)
+    lpips_io.convert_lpips_weights({k: v for k, v in vgg.items() if "28" not in k}, lin)
   negative = dict(lin, **{"lin0.model.1.weight": -lin["lin0.model.1.weight"]})
   with pytest.raises(ValueError, match="lin0.*negative"):
-    lpips.convert_lpips_weights(vgg, negative)
+    lpips_io.convert_lpips_weights(vgg, negative)

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm_jax.interop.load import load_first_stage
 from ldm_jax.models.first_stage import make_first_stage
-from ldm_jax.training.first_stage_io import load_first_stage, save_first_stage
+from ldm_jax.training.first_stage_io import save_first_stage
 
 REPO = pathlib.Path(__file__).parents[1]
 SIZE = 32
@@ -99,7 +100,7 @@ def test_reconstruct_command_reports_psnr_of_what_it_wrote(saved):
 
 
 def test_reconstruct_errors_name_the_problem(saved, tmp_path):
-  from ldm_jax.reconstruct import reconstruct_folder
+  from ldm_jax.apps.reconstruct import reconstruct_folder
 
   with pytest.raises(ValueError, match="image_size 31 is not a multiple of 2"):
     reconstruct_folder(str(saved["root"] / "run"), str(saved["images"]), str(tmp_path), size=31)

@@ -9,10 +9,10 @@ import sys
 import jax
 import pytest
 
-from ldm_jax.training.runtime import split_cpu
+from ldm_jax.parallel.runtime import split_cpu
 
 _PROBE = (
-    "from ldm_jax.training.runtime import setup_runtime; "
+    "from ldm_jax.parallel.runtime import setup_runtime; "
     "setup_runtime(compilation_cache_dir=None, cpu_devices={n}); "
     "import jax; "
     "print(jax.device_count(), jax.devices()[0].platform)"

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm_jax.apps.sample import SampleRequest, run
+from ldm_jax.data.image_io import to_uint8
 from ldm_jax.diffusion.config import SamplerConfig
-from ldm_jax.loading import load_pipeline
-from ldm_jax.pipeline import to_uint8
-from ldm_jax.sample_cli import SampleRequest, run
+from ldm_jax.interop.load import load_pipeline
 
 SIZE = 32  # the tiny config's image size; latents are SIZE / 4
 PROMPTS = ["a large red circle", "a small blue square"]
@@ -227,7 +227,7 @@ import jax
 jax.config.update("jax_default_prng_impl", "rbg")  # as conftest: the same initial noise
 import numpy as np
 from ldm_jax.diffusion.config import SamplerConfig
-from ldm_jax.loading import load_pipeline
+from ldm_jax.interop.load import load_pipeline
 assert jax.device_count() == 1
 images = load_pipeline(sys.argv[1]).text_to_image([sys.argv[2]], sampler=SamplerConfig("ddim", int(sys.argv[3])), seed=0)
 np.save(sys.argv[4], images)

@@ -20,10 +20,12 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from ldm_jax.assembly import build_model, example_inputs, random_first_stage, schedule_from_config, step_config
 from ldm_jax.config import load_config
 from ldm_jax.data.tokenizers import build_shapes_tokenizer, tokenize
-from ldm_jax.training import ldm_step, loop, mesh as mesh_lib, partitioning
-from ldm_jax.training.train_ldm import build_model, example_inputs, resolve_first_stage, schedule_from_config, step_config
+from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.parallel import partitioning
+from ldm_jax.training import ldm_step, loop
 
 CAPTIONS = ["a large red circle", "a small blue square", "a large green star", "a small yellow triangle"] * 4
 FSDP_MIN = 2**10  # small enough that the tiny UNet's convs and projections split
@@ -43,7 +45,7 @@ def _mesh(shape, n):
 def setup():
   config = load_config("configs/ldm.py:shapes_txt2img,tiny")
   tokenizer = build_shapes_tokenizer()
-  variables, fs_config, scale = resolve_first_stage(config.first_stage, config.data.image_size)
+  variables, fs_config, scale = random_first_stage(config.first_stage, config.data.image_size)
   tokens, _ = tokenize(tokenizer, CAPTIONS, config.data.tokenizer.max_length)
   rng = np.random.default_rng(4)
   # Cached posterior moments (as the latent cache feeds them): the step

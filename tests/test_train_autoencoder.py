@@ -15,13 +15,13 @@ import jax
 import numpy as np
 import pytest
 
+from ldm_jax.apps.train import train_first_stage as train
 from ldm_jax.config import load_config
 from ldm_jax.data import make_iterator
+from ldm_jax.interop.load import load_first_stage
 from ldm_jax.models.first_stage import make_first_stage
 from ldm_jax.training.checkpoint import Checkpointer, CheckpointMismatchError
-from ldm_jax.training.first_stage_io import load_first_stage
 from ldm_jax.training.loop import NonFiniteLossError
-from ldm_jax.training.train_autoencoder import train
 
 CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "autoencoder.py"
 STEPS = 12

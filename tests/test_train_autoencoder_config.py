@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax.apps.train import train_first_stage as train
 from ldm_jax.config import ConfigError, load_config
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.first_stage import make_first_stage
 from ldm_jax.training.optim import make_optimizer
-from ldm_jax.training.train_autoencoder import loss_config, make_discriminator, train
+from ldm_jax.training.train_autoencoder import loss_config, make_discriminator
 
 CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "autoencoder.py"
 KEYS_FILE = pathlib.Path(__file__).parent / "data" / "sd_v1_state_dict_keys.txt"
@@ -111,7 +112,7 @@ def test_bad_variants_fail_clearly(arg, message):
 def test_train_rejects_bad_settings_before_compiling(tmp_path):
   config = get("kl_f4,tiny")
   config.loss.perceptual_weight = 1.0
-  with pytest.raises(FileNotFoundError, match=r"(?s)LPIPS weights not found.*python -m ldm_jax.models.lpips"):
+  with pytest.raises(FileNotFoundError, match=r"(?s)LPIPS weights not found.*python -m ldm_jax.interop.lpips"):
     train(config, str(tmp_path))
   config = get("kl_f4,tiny")
   config.data.image_size = 30

@@ -7,10 +7,10 @@ import os
 import jax
 import numpy as np
 import pytest
-
-from ldm_jax.training.first_stage_io import load_first_stage
-from ldm_jax.training.train_autoencoder import train
 from test_train_autoencoder import fixed_images, make_config, use_compilation_cache
+
+from ldm_jax.apps.train import train_first_stage as train
+from ldm_jax.interop.load import load_first_stage
 
 STEPS = 12
 

@@ -1,5 +1,5 @@
 """The non-text shapes LDMs (class, layout, semantic, super-resolution,
-inpainting) at tiny sizes: ``train_ldm.train`` runs and checkpoints, and
+inpainting) at tiny sizes: ``train_latent_diffusion`` runs and checkpoints, and
 ``load_pipeline`` on the run directory samples with that variant's
 conditioning.
 
@@ -22,10 +22,10 @@ import jax
 import numpy as np
 import pytest
 
+from ldm_jax.assembly import sampler_config
 from ldm_jax.config import load_config
-from ldm_jax.loading import load_pipeline
-from ldm_jax.pipeline import to_uint8
-from ldm_jax.training.train_ldm import sampler_config
+from ldm_jax.data.image_io import to_uint8
+from ldm_jax.interop.load import load_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, LATENT, CHANNELS = 32, 8, 3  # tiny config: 32x32 images, KL-f4 first stage with 3 latent channels
@@ -45,7 +45,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def trained(request, data_dir, tmp_path_factory):
-  from ldm_jax.training.train_ldm import train
+  from ldm_jax.apps.train import train_latent_diffusion as train
 
   variant = request.param
   config = load_config(f"{ROOT}/configs/ldm.py:{variant},tiny")

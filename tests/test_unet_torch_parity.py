@@ -14,16 +14,17 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from sd_reference import randomize_  # noqa: E402
+
 from ldm_jax.interop import naming  # noqa: E402
 from ldm_jax.interop.diffusers_unet import (  # noqa: E402
-    RESNET_PARTS,
-    diffusers_unet_to_original,
-    original_unet_to_diffusers,
-    unet_fields_from_diffusers_config,
+  RESNET_PARTS,
+  diffusers_unet_to_original,
+  original_unet_to_diffusers,
+  unet_fields_from_diffusers_config,
 )
 from ldm_jax.models.unet import UNetModel  # noqa: E402
 from ldm_jax.nn.unet_blocks import ResBlock  # noqa: E402
-from sd_reference import randomize_  # noqa: E402
 
 RTOL = 1e-4
 _BASE = dict(

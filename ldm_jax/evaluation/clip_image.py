@@ -4,27 +4,24 @@ Names and fields follow transformers' ``CLIPVisionModelWithProjection``:
 ``vision_model/embeddings/{patch_embedding,class_embedding,position_embedding}``,
 ``vision_model/pre_layrnorm`` (sic), ``vision_model/encoder/layers_i/...``,
 ``vision_model/post_layernorm``, ``visual_projection``. A transformers (or
-OpenAI-in-HF-format) checkpoint converts with one generic rename.
+OpenAI-in-HF-format) checkpoint converts with one generic rename
+(``ldm_jax.interop.clip_image``).
 
-Pre-LN transformer: x + attn(ln1(x)), then x + mlp(ln2(x)); the pooled output
-is ``post_layernorm`` of the class token, projected without bias.
+Pre-LN transformer without a causal mask (``models.clip_transformer``, shared
+with the text tower); the pooled output is ``post_layernorm`` of the class
+token, projected without bias.
 """
 
 import dataclasses
 import functools
-import json
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.interop import weights
-from ldm_jax.interop import naming
-from ldm_jax.models.clip_text import ACTIVATIONS, CLIPMLP
-from ldm_jax.nn.attention import dot_product_attention
+from ldm_jax.models.clip_transformer import clip_encoder
 from ldm_jax.nn.norm import LayerNorm
 
 # OpenAI CLIP's normalisation of [0, 1] RGB (CLIPImageProcessor's image_mean/std).
@@ -68,28 +65,9 @@ class CLIPVisionEmbeddings(nn.Module):
     return x + positions[None]
 
 
-class CLIPAttention(nn.Module):
-  """Bidirectional self-attention (the text tower's is causal), biased q/k/v/out projections."""
+class CLIPVisionHyperparameters(nn.Module):
+  """transformers' ``CLIPVisionConfig`` fields (defaults: ViT-L/14), plus ours."""
 
-  hidden_size: int
-  num_attention_heads: int
-  attention_impl: str = "auto"
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxTxD):
-    b, t, d = x_BxTxD.shape
-    heads = self.num_attention_heads
-    if d % heads:
-      raise ValueError(f"hidden_size {d} is not divisible by num_attention_heads {heads}")
-    dense = lambda name: nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
-    q, k, v = (dense(n)(x_BxTxD).reshape(b, t, heads, d // heads) for n in ("q_proj", "k_proj", "v_proj"))
-    out = dot_product_attention(q, k, v, implementation=self.attention_impl)  # scale head_dim**-0.5, as CLIP
-    return dense("out_proj")(out.reshape(b, t, d))
-
-
-class CLIPEncoderLayer(nn.Module):
   hidden_size: int = 1024
   intermediate_size: int = 4096
   num_attention_heads: int = 16
@@ -98,40 +76,17 @@ class CLIPEncoderLayer(nn.Module):
   attention_impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {self.hidden_act!r}")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ln = lambda name: LayerNorm(epsilon=self.layer_norm_eps, param_dtype=self.param_dtype, name=name)  # noqa: E731
-    x = x + CLIPAttention(self.hidden_size, self.num_attention_heads, self.attention_impl, **kw,
-                          name="self_attn")(ln("layer_norm1")(x))
-    return x + CLIPMLP(self.hidden_size, self.intermediate_size, self.hidden_act, **kw, name="mlp")(
-        ln("layer_norm2")(x))
-
-
-def _fields_of(module: nn.Module, cls: type) -> dict[str, Any]:
-  """``module``'s values of ``cls``'s dataclass fields, to build a ``cls`` child."""
-  names = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
-  return {name: getattr(module, name) for name in names}
-
-
-class CLIPEncoder(CLIPEncoderLayer):
   num_hidden_layers: int = 24
-
-  @nn.compact
-  def __call__(self, x):
-    for i in range(self.num_hidden_layers):
-      x = CLIPEncoderLayer(**_fields_of(self, CLIPEncoderLayer), name=f"layers_{i}")(x)
-    return x
-
-
-class CLIPVisionTransformer(CLIPEncoder):
-  """Patch + class + position embeddings, pre-LN, encoder; pools the class token."""
-
   image_size: int = 224
   patch_size: int = 14
+
+  def hyperparameters(self) -> dict[str, Any]:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(CLIPVisionHyperparameters)
+            if f.name not in ("parent", "name")}
+
+
+class CLIPVisionTransformer(CLIPVisionHyperparameters):
+  """Patch + class + position embeddings, pre-LN, encoder; pools the class token."""
 
   @nn.compact
   def __call__(self, pixels_BxHxWx3):
@@ -139,11 +94,11 @@ class CLIPVisionTransformer(CLIPEncoder):
     x = CLIPVisionEmbeddings(self.hidden_size, self.image_size, self.patch_size, dtype=self.dtype,
                              param_dtype=self.param_dtype, name="embeddings")(pixels_BxHxWx3)
     x = ln("pre_layrnorm")(x)
-    x = CLIPEncoder(**_fields_of(self, CLIPEncoder), name="encoder")(x)
+    x, _ = clip_encoder(self, causal=False)(x)
     return x, ln("post_layernorm")(x[:, 0])
 
 
-class CLIPVisionModelWithProjection(CLIPVisionTransformer):
+class CLIPVisionModelWithProjection(CLIPVisionHyperparameters):
   """Images normalised by :func:`preprocess_for_clip` -> ``image_embeds`` and more.
 
   Defaults are ViT-L/14; ``CLIP_VISION_CONFIGS`` holds the others.
@@ -153,7 +108,7 @@ class CLIPVisionModelWithProjection(CLIPVisionTransformer):
 
   @nn.compact
   def __call__(self, pixels_BxHxWx3: jax.Array) -> dict[str, jax.Array]:
-    x, pooled = CLIPVisionTransformer(**_fields_of(self, CLIPVisionTransformer), name="vision_model")(pixels_BxHxWx3)
+    x, pooled = CLIPVisionTransformer(**self.hyperparameters(), name="vision_model")(pixels_BxHxWx3)
     embeds = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                       name="visual_projection")(pooled)
     return {"image_embeds": embeds, "pooler_output": pooled, "last_hidden_state": x}
@@ -164,22 +119,6 @@ def clip_vision_model(name: str = "vit_l14", **overrides: Any) -> CLIPVisionMode
   if name not in CLIP_VISION_CONFIGS:
     raise ValueError(f"unknown CLIP vision config {name!r}; choose from {sorted(CLIP_VISION_CONFIGS)}")
   return CLIPVisionModelWithProjection(**{**CLIP_VISION_CONFIGS[name], **overrides})
-
-
-def clip_vision_config_from_hf(config: Mapping[str, Any] | str) -> dict[str, Any]:
-  """Our model fields from a transformers ``config.json`` (CLIPConfig or CLIPVisionConfig), or its path."""
-  if isinstance(config, str):
-    with open(config) as f:
-      config = json.load(f)
-  vision = config.get("vision_config", config)
-  keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-          "patch_size", "layer_norm_eps", "hidden_act")
-  missing = [k for k in keys[:6] if k not in vision]
-  if missing:
-    raise KeyError(f"CLIP vision config lacks {missing}")
-  fields = {k: vision[k] for k in keys if k in vision}
-  fields["projection_dim"] = config.get("projection_dim", vision.get("projection_dim", 512))
-  return fields
 
 
 @functools.partial(jax.jit, static_argnames=("image_size", "value_range"))
@@ -229,36 +168,3 @@ def clip_image_embed_fn(
     return model.apply(variables, preprocess_for_clip(images, model.image_size, value_range))["image_embeds"]
 
   return embed
-
-
-def convert_clip_vision_state_dict(
-    state_dict: Mapping[str, Any], model: CLIPVisionModelWithProjection
-) -> dict[str, Any]:
-  """transformers CLIP state dict (vision model, or the whole CLIPModel) -> our variables."""
-  vision = {k: v for k, v in state_dict.items() if k.startswith(("vision_model.", "visual_projection."))}
-  if not vision:
-    raise ValueError("the state dict has no 'vision_model.*' keys: not a transformers CLIP checkpoint")
-  pixels = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
-  template = jax.eval_shape(model.init, jax.random.key(0), pixels)
-  return naming.torch_to_flax(vision, template, what="CLIP vision state dict")
-
-
-def load_clip_vision_checkpoint(
-    path: str, model: CLIPVisionModelWithProjection | None = None
-) -> tuple[CLIPVisionModelWithProjection, dict[str, Any]]:
-  """Reads a transformers CLIP checkpoint (a model directory or a weights file).
-
-  From a directory, the model's configuration is read from its
-  ``config.json``. Returns ``(model, variables)``.
-  """
-  if os.path.isdir(path):
-    if model is None:
-      model = CLIPVisionModelWithProjection(**clip_vision_config_from_hf(os.path.join(path, "config.json")))
-    names = ("model.safetensors", "pytorch_model.bin")
-    found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
-    if not found:
-      raise FileNotFoundError(f"{path} holds none of {names}")
-    path = found[0]
-  if model is None:
-    raise ValueError(f"{path} is a bare weights file: pass the model (e.g. clip_vision_model('vit_l14'))")
-  return model, convert_clip_vision_state_dict(weights.read_state_dict(path), model)

@@ -9,11 +9,10 @@
 Every network maps a batch of images (uint8 or [-1, 1] floats, NHWC) to
 ``{"pool": (B, D) features[, "logits": (B, C)]}``, runs sharded over a mesh,
 and carries a description of its weights (file and SHA-256) for reports.
+``ldm_jax.interop.feature_nets.make_feature_net`` builds one from its weights file.
 """
 
 import dataclasses
-import hashlib
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from ldm_jax.evaluation import inception as inc
 from ldm_jax.evaluation.features import ShardedFeatureExtractor
-from ldm_jax.interop import weights
+from ldm_jax.evaluation.shapes_judge import ShapesJudge
 
 FEATURE_NETS = ("inception", "shapes_judge", "random_inception")
 RANDOM_INCEPTION_WIDTH = 1 / 16
@@ -43,14 +42,6 @@ class FeatureNet:
 
   def describe(self) -> dict:
     return {"name": self.name, "weights_file": self.weights_file, "weights_sha256": self.weights_sha256}
-
-
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def _to_signed_unit(images: jax.Array) -> jax.Array:
@@ -76,9 +67,26 @@ def _judge_fn(model):
   return fn
 
 
+def inception_net(variables: Any, weights_file: str | None = None, weights_sha256: str | None = None) -> FeatureNet:
+  """The ``inception`` feature net with its (published, converted) variables."""
+  return FeatureNet("inception", _inception_fn(inc.InceptionV3()), variables, weights_file, weights_sha256, True)
+
+
+def judge_net(variables: Any, weights_file: str | None = None, weights_sha256: str | None = None) -> FeatureNet:
+  """The ``shapes_judge`` feature net with its (trained) variables."""
+  return FeatureNet("shapes_judge", _judge_fn(ShapesJudge()), variables, weights_file, weights_sha256, False)
+
+
+def random_inception_net(seed: int = 0) -> FeatureNet:
+  """The ``random_inception`` feature net (tests only)."""
+  model = inc.InceptionV3(width_multiplier=RANDOM_INCEPTION_WIDTH)
+  return FeatureNet("random_inception", _inception_fn(model), random_inception_variables(model, seed), None, None,
+                    True)
+
+
 def random_inception_variables(model: inc.InceptionV3, seed: int = 0) -> dict:
   """He-scaled random weights, identity batch norms: activations stay O(1)."""
-  shapes = inc._variables_template(model)
+  shapes = inc.variables_template(model)
   rng = np.random.default_rng(seed)
 
   def init(path, s):
@@ -93,54 +101,5 @@ def random_inception_variables(model: inc.InceptionV3, seed: int = 0) -> dict:
 
 
 def judge_template(image_size: int = 64) -> dict:
-  from ldm_jax.evaluation.shapes_judge import ShapesJudge
-
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   return jax.eval_shape(ShapesJudge().init, jax.random.key(0), x)
-
-
-def save_judge(path: str, params: Any) -> None:
-  """Writes a (trained) shapes judge's variables for ``--judge_weights``."""
-  weights.save_variables(path, params)
-
-
-def make_feature_net(
-    name: str, *, inception_weights: str = "", judge_weights: str = "", flag_prefix: str = "--"
-) -> FeatureNet:
-  """The named feature network; weights come from files (nothing is downloaded).
-
-  ``flag_prefix`` names the option in error messages (``--`` for the command,
-  ``config.eval.`` for training).
-  """
-  if name == "inception":
-    convert = "python -m ldm_jax.evaluation.inception --convert pt_inception-2015-12-05-6726825d.pth --out"
-    if not inception_weights:
-      raise ValueError(
-          f"feature net 'inception' needs its weights: pass {flag_prefix}inception_weights=fid_inception.npz. "
-          f"Download {inc.FID_WEIGHTS_URL} and convert it with `{convert} fid_inception.npz`"
-      )
-    if not os.path.isfile(inception_weights):
-      raise FileNotFoundError(
-          f"{flag_prefix}inception_weights file not found: {inception_weights}. Download {inc.FID_WEIGHTS_URL} "
-          f"and convert it with `{convert} {inception_weights}`"
-      )
-    model = inc.InceptionV3()
-    variables = inc.load_inception_params(inception_weights, model)
-    return FeatureNet(name, _inception_fn(model), variables, os.path.abspath(inception_weights),
-                      file_sha256(inception_weights), True)
-  if name == "shapes_judge":
-    from ldm_jax.evaluation.shapes_judge import ShapesJudge
-
-    if not judge_weights or not os.path.isfile(judge_weights):
-      raise FileNotFoundError(
-          f"feature net 'shapes_judge' needs {flag_prefix}judge_weights (got {judge_weights!r}): train one with "
-          "ldm_jax.evaluation.shapes_judge.train_judge and save its params with feature_nets.save_judge"
-      )
-    variables = weights.load_variables(judge_weights, what="shapes judge weights")
-    weights.check_variables(variables, judge_template(), what=f"shapes judge file {judge_weights}")
-    return FeatureNet(name, _judge_fn(ShapesJudge()), variables, os.path.abspath(judge_weights),
-                      file_sha256(judge_weights), False)
-  if name == "random_inception":
-    model = inc.InceptionV3(width_multiplier=RANDOM_INCEPTION_WIDTH)
-    return FeatureNet(name, _inception_fn(model), random_inception_variables(model), None, None, True)
-  raise ValueError(f"unknown feature net {name!r}; choose from {FEATURE_NETS}")

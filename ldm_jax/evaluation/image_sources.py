@@ -14,6 +14,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from ldm_jax.data import make_iterator
+from ldm_jax.data.folder_source import list_images, read_caption
+from ldm_jax.data.image_io import save_png
+from ldm_jax.data.images import decode_image
+from ldm_jax.data.transforms import Geometry
 from ldm_jax.evaluation.features import iterate_features
 
 
@@ -25,7 +30,6 @@ def split_batches(
   Images stay at ``data_config.image_size``; no tokenizer is loaded (captions
   come back as strings).
   """
-  from ldm_jax.data import make_iterator
 
   config = ml_collections.ConfigDict(data_config.to_dict())
   config.tokenizer.kind = ""  # captions only: evaluation never needs tokens here
@@ -74,9 +78,6 @@ def scan_split(batches: Iterable[dict[str, np.ndarray]], extract: Callable | Non
 def folder_batches(root: str, *, size: int, batch_size: int) -> Iterator[tuple[np.ndarray, list[str]]]:
   """``(uint8 images, captions)`` of every image under ``root`` (sorted), resized
   (shorter side) and centre-cropped to ``size``; captions from same-name ``.txt`` files."""
-  from ldm_jax.data.folder_source import list_images, read_caption
-  from ldm_jax.data.images import decode_image
-  from ldm_jax.data.transforms import Geometry
 
   paths = list_images(root)  # fails clearly on a missing or image-less folder
   geometry = Geometry(size, "center")
@@ -95,7 +96,6 @@ def first_image_size(root: str) -> int:
   """The shorter side of the first image under ``root``."""
   from PIL import Image
 
-  from ldm_jax.data.folder_source import list_images
 
   with Image.open(os.path.join(root, list_images(root)[0])) as image:
     return min(image.size)
@@ -159,7 +159,6 @@ def sample_batches(
 def saving(batches: Iterable[np.ndarray], directory: str, conditions: list[Any] | None) -> Iterator[np.ndarray]:
   """Passes uint8 batches through, writing ``directory/00000.png``, ... and
   ``conditions.txt`` (one condition per line, in image order) on the way."""
-  from ldm_jax.image_grid import save_png
 
   os.makedirs(directory, exist_ok=True)
   index = 0

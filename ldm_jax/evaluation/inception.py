@@ -15,12 +15,10 @@ out the fc bias, as the original Inception Score code and torch-fidelity do.
 
 Parameter names are pytorch-fid's state-dict names (``Mixed_6b/branch7x7_2/
 conv/kernel``); BatchNorm running statistics live in the ``batch_stats``
-collection. Convert the published weights with::
-
-  python -m ldm_jax.evaluation.inception --convert pt_inception-2015-12-05-6726825d.pth --out fid_inception.npz
+collection. The published weights are converted and read by
+``ldm_jax.interop.inception``.
 """
 
-import argparse
 import functools
 from typing import Any
 
@@ -28,12 +26,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.interop import weights
-from ldm_jax.interop import naming
-
-FID_WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
-)
 INPUT_SIZE = 299
 BN_EPS = 1e-3
 
@@ -226,47 +218,7 @@ class InceptionV3(_ScaledConvs):
 
 
 @functools.lru_cache(maxsize=4)  # tracing the full network takes seconds; converting then loading needs it twice
-def _variables_template(model: InceptionV3) -> dict[str, Any]:
+def variables_template(model: InceptionV3) -> dict[str, Any]:
+  """Shapes of ``model``'s variables (no allocation)."""
   images = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
   return jax.eval_shape(model.init, jax.random.key(0), images)
-
-
-def convert_inception_state_dict(
-    state_dict: dict[str, Any], model: InceptionV3 | None = None
-) -> dict[str, Any]:
-  """pytorch-fid state dict (``Mixed_5b.branch1x1.conv.weight``, ...) -> our variables.
-
-  Every key is checked: missing, unexpected and mis-shaped entries are
-  reported together.
-  """
-  model = model or InceptionV3()
-  return naming.torch_to_flax(state_dict, _variables_template(model), what="Inception state dict")
-
-
-def convert_inception_checkpoint(src: str, dst: str, model: InceptionV3 | None = None) -> None:
-  """Converts pytorch-fid's ``.pth`` (or a ``.safetensors`` copy) into ``.npz`` / ``.safetensors``."""
-  weights.save_variables(dst, convert_inception_state_dict(weights.read_state_dict(src), model))
-
-
-def load_inception_params(path: str, model: InceptionV3 | None = None) -> dict[str, Any]:
-  """Loads converted variables (``{"params", "batch_stats"}``), checked against ``model``."""
-  how = (
-      f"Download {FID_WEIGHTS_URL} and convert it with "
-      f"`python -m ldm_jax.evaluation.inception --convert pt_inception-2015-12-05-6726825d.pth --out {path}`."
-  )
-  variables = weights.load_variables(path, what="FID Inception weights", how_to_get=how)
-  weights.check_variables(variables, _variables_template(model or InceptionV3()), what=f"FID Inception file {path}")
-  return variables
-
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description="Convert pytorch-fid's Inception weights for ldm_jax.")
-  parser.add_argument("--convert", required=True, help="pt_inception-2015-12-05-6726825d.pth (or .safetensors)")
-  parser.add_argument("--out", required=True, help="output .npz or .safetensors")
-  args = parser.parse_args(argv)
-  convert_inception_checkpoint(args.convert, args.out)
-  print(f"Wrote {args.out}")
-
-
-if __name__ == "__main__":
-  main()

@@ -90,7 +90,9 @@ def fresh_renders(image_size: int, seed: int):
   return render_single_objects(ALL_PAIRS, 5, image_size, seed + 2)
 
 
-def train_judge(image_size: int = 64, *, steps: int = 600, batch: int = 64, per_pair: int = 150, seed: int = 0) -> TrainedJudge:
+def train_judge(
+    image_size: int = 64, *, steps: int = 600, batch: int = 64, per_pair: int = 150, seed: int = 0
+) -> TrainedJudge:
   """Trains on renders of every pair; reports accuracy on fresh renders.
 
   More renders, not more steps, make it exact. Measured at 64x64, shape

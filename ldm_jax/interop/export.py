@@ -21,9 +21,11 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
+from ldm_jax.diffusion.schedules import make_beta_schedule
 from ldm_jax.interop import naming
 from ldm_jax.interop.diffusers_unet import original_unet_to_diffusers
 from ldm_jax.interop.diffusers_vae import diffusers_config_from_first_stage, original_vae_to_diffusers
+from ldm_jax.interop.load import load_pipeline
 from ldm_jax.models.unet import UNetModel
 
 _PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -69,7 +71,6 @@ def diffusers_unet_config(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 def scheduler_config(schedule, prediction_type: str, sampler_defaults: Mapping[str, Any]) -> dict[str, Any]:
   """A ``DDIMScheduler`` config: named beta schedule when the betas are one, else ``trained_betas``."""
-  from ldm_jax.diffusion.schedules import make_beta_schedule
 
   betas = np.asarray(schedule.betas, np.float64)
   cfg: dict[str, Any] = {"_class_name": "DDIMScheduler", "num_train_timesteps": int(betas.size),
@@ -165,7 +166,6 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("out_dir", help="diffusers folder to write")
   parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
   args = parser.parse_args(argv)
-  from ldm_jax.loading import load_pipeline
 
   export_diffusers(load_pipeline(args.checkpoint, use_ema=not args.no_ema), args.out_dir)
   print(f"wrote {args.out_dir}")

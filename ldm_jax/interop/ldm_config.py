@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ldm_jax.models.unet import UNetModel
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 COND_PREFIX = "cond_stage_model."
@@ -71,7 +73,6 @@ def sections_from_ldm_config(config: Mapping[str, Any]) -> dict[str, Any]:
   unet = dict(params["unet_config"]["params"])
   for key in _UNET_IGNORED:
     unet.pop(key, None)
-  from ldm_jax.models.unet import UNetModel  # noqa: PLC0415 (keeps this module import-light)
 
   valid = set(UNetModel.__dataclass_fields__) - {"parent", "name"}
   problems += [f"unet_config option {k!r}" for k in sorted(set(unet) - valid)]

@@ -24,10 +24,16 @@ from typing import Any
 import jax
 import numpy as np
 
+from ldm_jax.data.tokenizers import tokenize
+from ldm_jax.diffusion.schedules import DiffusionSchedule, make_schedule, schedule_name_from_diffusers
 from ldm_jax.interop import ldm_config, naming
+from ldm_jax.interop.cond_stage import load_cond_stage_variables
 from ldm_jax.interop.diffusers_unet import diffusers_unet_to_original, unet_fields_from_diffusers_config
 from ldm_jax.interop.diffusers_vae import diffusers_vae_to_original, first_stage_from_diffusers_config
 from ldm_jax.interop.weights import read_state_dict
+from ldm_jax.models.build import build_latent_diffusion
+from ldm_jax.models.first_stage import make_first_stage
+from ldm_jax.pipeline import LDMPipeline
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # Buffers of the reference LatentDiffusion that are not weights (schedule tables, EMA counters).
@@ -139,8 +145,6 @@ def _diffusers_parts(root: str) -> dict[str, Any]:
 
 def _scheduler_parts(cfg: Mapping[str, Any]) -> dict[str, Any]:
   """Schedule, prediction type and sampler defaults of a diffusers ``scheduler_config.json``."""
-  from ldm_jax.diffusion.schedules import schedule_name_from_diffusers
-
   schedule: dict[str, Any] = dict(
       name=schedule_name_from_diffusers(cfg.get("beta_schedule", "linear")),
       num_timesteps=int(cfg.get("num_train_timesteps", 1000)), linear_start=float(cfg.get("beta_start", 1e-4)),
@@ -223,14 +227,10 @@ def assemble_pipeline(parts: dict[str, Any], *, mesh, compute_dtype: str):
 
 def build_from_parts(parts: dict[str, Any], compute_dtype: str):
   """(model, tokenizer, max_length) that ``parts`` describe (no weights)."""
-  from ldm_jax.models.build import build_latent_diffusion
-
   tok = _load_tokenizer(parts["tokenizer"], parts["cond_stage"]["kind"])
   cond = dict(parts["cond_stage"])
   max_length = int(cond.get("max_position_embeddings", cond.get("max_seq_len", 77)))
   if tok is not None and cond["kind"] in ("clip", "text"):
-    from ldm_jax.data.tokenizers import tokenize
-
     ids, mask = tokenize(tok, [""], max_length)
     n = int(mask[0].sum())
     cond.update(empty_token_ids=tuple(int(i) for i in ids[0, :n]), pad_token_id=int(ids[0, -1]) if n < max_length else 0)
@@ -244,8 +244,6 @@ def build_from_parts(parts: dict[str, Any], compute_dtype: str):
 
 def convert_weights(model, parts: dict[str, Any], max_length: int):
   """(params, frozen) from the parts' PyTorch state dict; every problem of every component in one error."""
-  from ldm_jax.models.cond_stage import load_cond_stage_variables
-
   state, what = parts["state"], parts["what"]
   templates = weight_templates(model, max_length)
   errors, out = [], {}
@@ -288,9 +286,6 @@ def split_params_frozen(model, components: dict[str, Any]) -> tuple[dict[str, An
 
 
 def pipeline_from_parts(parts: dict[str, Any], model, tok, max_length: int, params, frozen, mesh):
-  from ldm_jax.diffusion.schedules import DiffusionSchedule, make_schedule
-  from ldm_jax.pipeline import LDMPipeline
-
   sched = parts["schedule"]
   schedule = DiffusionSchedule.from_betas(sched["betas"]) if "betas" in sched else make_schedule(**sched)
   return LDMPipeline(
@@ -335,8 +330,6 @@ def _first_stage_template(first_stage) -> Any:
 
 def load_first_stage(path: str, config: str | Mapping[str, Any]):
   """(model, variables) of a paper first-stage checkpoint (kl-f8, vq-f4, ...) with its YAML config."""
-  from ldm_jax.models.first_stage import make_first_stage
-
   config = ldm_config.read_yaml(config) if isinstance(config, str) else config
   section = ldm_config.first_stage_section(config["model"] if ldm_config.is_first_stage_config(config)
                                            else config["model"]["params"]["first_stage_config"])

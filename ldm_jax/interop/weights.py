@@ -1,11 +1,12 @@
-"""Reading published state dicts and saving/loading our converted variables.
+"""Reading published state dicts, and checking converted variables against a model.
 
-Published evaluation networks come as PyTorch files (``.pth``) or safetensors.
-Once converted, our Flax variables are stored flat, one array per
-``/``-joined path (``params/Mixed_5b/branch1x1/conv/kernel``), as ``.npz`` or
-``.safetensors``, so that loading needs neither torch nor pickle.
+Published networks come as PyTorch files or safetensors: :func:`read_state_dict`
+is the one reader of them. Once converted, our Flax variables are stored flat
+by ``ldm_jax.training.variables_file`` (``save_variables`` / ``load_variables``,
+re-exported here), so that loading needs neither torch nor pickle.
 """
 
+import glob
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -14,66 +15,90 @@ import numpy as np
 from flax import traverse_util
 
 from ldm_jax.interop import naming
+from ldm_jax.training.variables_file import OUR_SUFFIXES, load_variables, require_file, save_variables
+
+__all__ = ["OUR_SUFFIXES", "check_variables", "load_variables", "read_state_dict", "save_variables"]
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-OUR_SUFFIXES = (".npz", ".safetensors")
+STATE_DICT_SUFFIXES = (".safetensors", ".npz") + TORCH_SUFFIXES
+StateDictSource = str | os.PathLike | Mapping[str, Any]
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a PyTorch state dict from ``.safetensors`` or a torch file.
+def read_state_dict(source: StateDictSource, *, prefer_prefix: str = "") -> dict[str, np.ndarray]:
+  """A PyTorch-named state dict as NumPy arrays, bfloat16 widened to float32.
 
-  Torch files are opened with ``torch.load(..., weights_only=True)``: no
-  arbitrary unpickling. A checkpoint that nests its weights under
-  ``"state_dict"`` is unwrapped.
+  ``source`` is a mapping (of arrays or torch tensors), a ``.safetensors``
+  file, a folder of them, an ``.npz``, or a torch file (``.pth``, ``.pt``,
+  ``.bin``, ``.ckpt``: ``torch.load(..., weights_only=True)``, no arbitrary
+  unpickling; weights nested under ``"state_dict"`` are unwrapped). With
+  ``prefer_prefix``, a state dict that has keys starting with it gives only
+  those (from safetensors, only those are read).
   """
-  _require_file(path, "state dict")
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
+  if isinstance(source, Mapping):
+    return _prefer(_arrays(source), prefer_prefix)
+  path = os.fspath(source)
+  if os.path.isdir(path):
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+      raise FileNotFoundError(f"no .safetensors files in the state dict folder {path}")
+  else:
+    require_file(path, "state dict")
+    if not path.endswith(STATE_DICT_SUFFIXES):
+      raise ValueError(f"{path}: unknown state dict format; expected a folder of .safetensors or one of "
+                       f"{STATE_DICT_SUFFIXES}")
+    files = [path]
+  out: dict[str, np.ndarray] = {}
+  for file in files:
+    if file.endswith(".safetensors"):
+      out.update(_read_safetensors(file, prefer_prefix))
+    elif file.endswith(".npz"):
+      with np.load(file, allow_pickle=False) as f:
+        out.update({k: _widen(f[k]) for k in f.files})
+    else:
+      out.update(_read_torch(file))
+  return _prefer(out, prefer_prefix)
 
-    return dict(load_file(path))
-  if not path.endswith(TORCH_SUFFIXES):
-    raise ValueError(f"{path}: unknown state dict format; expected .safetensors or one of {TORCH_SUFFIXES}")
+
+def _prefer(state: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+  kept = {k: v for k, v in state.items() if k.startswith(prefix)} if prefix else {}
+  return kept or state
+
+
+def _widen(array: np.ndarray) -> np.ndarray:
+  # safetensors gives bfloat16 as ml_dtypes.bfloat16, which NumPy cannot compute with.
+  return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
+
+
+def _read_safetensors(file: str, prefer_prefix: str) -> dict[str, np.ndarray]:
+  from safetensors import safe_open
+
+  with safe_open(file, framework="numpy") as f:
+    keys = list(f.keys())
+    keys = [k for k in keys if prefer_prefix and k.startswith(prefer_prefix)] or keys
+    return {k: _widen(f.get_tensor(k)) for k in keys}
+
+
+def _read_torch(file: str) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError as e:
-    raise ImportError(f"Reading {path} needs PyTorch (pip install torch), or convert it to .safetensors first") from e
-  state = torch.load(path, map_location="cpu", weights_only=True)
-  if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+    raise ImportError(f"Reading {file} needs PyTorch (pip install torch), or convert it to .safetensors first") from e
+  state = torch.load(file, map_location="cpu", weights_only=True)
+  if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
     state = state["state_dict"]
-  # bfloat16 has no NumPy dtype: widen before leaving torch.
-  return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
+  return _arrays({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
 
 
-def save_variables(path: str, variables: Mapping[str, Any]) -> None:
-  """Saves a nested dict of arrays as ``.npz`` or ``.safetensors``."""
-  flat = {"/".join(k): np.ascontiguousarray(np.asarray(v)) for k, v in traverse_util.flatten_dict(variables).items()}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import save_file
-
-    save_file(flat, path)
-  elif path.endswith(".npz"):
-    np.savez(path, **flat)
-  else:
-    raise ValueError(f"{path}: output must end in one of {OUR_SUFFIXES}")
-
-
-def load_variables(path: str, *, what: str = "weights", how_to_get: str = "") -> dict[str, Any]:
-  """Loads what :func:`save_variables` wrote, as a nested dict of NumPy arrays.
-
-  ``what`` and ``how_to_get`` only shape the error message of a missing file.
-  """
-  _require_file(path, what, how_to_get)
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-
-    flat = dict(load_file(path))
-  elif path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as f:
-      flat = {k: f[k] for k in f.files}
-  else:
-    raise ValueError(f"{path}: expected a converted {what} file ending in one of {OUR_SUFFIXES}")
-  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+def _arrays(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Arrays or torch tensors as NumPy arrays (bfloat16 widened before leaving torch)."""
+  out = {}
+  for k, v in state.items():
+    if hasattr(v, "detach"):  # a torch tensor
+      v = v.detach().cpu()
+      out[k] = (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy()
+    else:
+      out[k] = _widen(np.asarray(v))
+  return out
 
 
 def check_variables(variables: Mapping[str, Any], template: Mapping[str, Any], *, what: str) -> None:
@@ -85,9 +110,3 @@ def check_variables(variables: Mapping[str, Any], template: Mapping[str, Any], *
   mismatched = [("/".join(k), got[k], want[k]) for k in want if k in got and got[k] != want[k]]
   if missing or unexpected or mismatched:
     raise naming.StateDictMismatchError(missing, unexpected, mismatched, what=what)
-
-
-def _require_file(path: str, what: str, how_to_get: str = "") -> None:
-  if not os.path.isfile(path):
-    hint = f" {how_to_get}" if how_to_get else ""
-    raise FileNotFoundError(f"{what} file not found: {path}.{hint}")

@@ -7,7 +7,8 @@ part of an original SD v1 checkpoint loads with the generic rename in
 ``ldm_jax.interop.naming``. SD v2 original checkpoints store OpenCLIP names:
 convert them first with ``ldm_jax.interop.openclip``.
 
-The stack is pre-LayerNorm, causally masked, with a final LayerNorm.
+The stack (``clip_transformer``, shared with the image tower) is
+pre-LayerNorm, causally masked, with a final LayerNorm.
 ``output_layer`` picks what the UNet sees: ``"last"`` (SD v1) or
 ``"penultimate"`` (SD v2's ``FrozenOpenCLIPEmbedder``: the output of layer N-1
 through the final LayerNorm). diffusers' SD v2 ``text_encoder`` stores only
@@ -23,19 +24,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.nn.attention import dot_product_attention
+from ldm_jax.models.clip_transformer import ACTIVATIONS, clip_encoder
 from ldm_jax.nn.norm import LayerNorm
 
 OutputLayer = Literal["last", "penultimate"]
 OUTPUT_LAYERS = ("last", "penultimate")
-
-
-def quick_gelu(x: jax.Array) -> jax.Array:
-  """OpenAI CLIP's sigmoid approximation of GELU."""
-  return x * jax.nn.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": partial(jax.nn.gelu, approximate=False)}
 
 
 class CLIPTextOutput(NamedTuple):
@@ -43,68 +36,6 @@ class CLIPTextOutput(NamedTuple):
   last_hidden_state: jax.Array  # (B, L, D): all layers, then the final LayerNorm.
   pooled_output: jax.Array  # (B, D): last_hidden_state at the EOS token (argmax of ids).
   text_embeds: jax.Array | None  # (B, P): pooled_output @ text_projection, if the model has one.
-
-
-class CLIPAttention(nn.Module):
-  """Causal multi-head self-attention with biased q/k/v/out projections."""
-
-  hidden_size: int
-  num_attention_heads: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  attention_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, key_mask_BxL: jax.Array | None) -> jax.Array:
-    dense = partial(nn.Dense, self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
-    b, length, _ = x_BxLxD.shape
-
-    def heads(name):
-      return dense(name=name)(x_BxLxD).reshape(b, length, self.num_attention_heads, -1)
-
-    mask = None if key_mask_BxL is None else key_mask_BxL[:, None, None, :]
-    out = dot_product_attention(
-        heads("q_proj"), heads("k_proj"), heads("v_proj"), mask,
-        is_causal=True, implementation=self.attention_impl,
-    )
-    return dense(name="out_proj")(out.reshape(b, length, self.hidden_size))
-
-
-class CLIPMLP(nn.Module):
-  hidden_size: int
-  intermediate_size: int
-  hidden_act: str
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    dense = partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-    x = ACTIVATIONS[self.hidden_act](dense(self.intermediate_size, name="fc1")(x))
-    return dense(self.hidden_size, name="fc2")(x)
-
-
-class CLIPEncoderLayer(nn.Module):
-  hidden_size: int
-  intermediate_size: int
-  num_attention_heads: int
-  hidden_act: str
-  layer_norm_eps: float
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  attention_impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x: jax.Array, key_mask_BxL: jax.Array | None) -> jax.Array:
-    norm = partial(LayerNorm, epsilon=self.layer_norm_eps, param_dtype=self.param_dtype)
-    common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = x + CLIPAttention(
-        self.hidden_size, self.num_attention_heads, attention_impl=self.attention_impl,
-        name="self_attn", **common,
-    )(norm(name="layer_norm1")(x), key_mask_BxL)
-    return x + CLIPMLP(
-        self.hidden_size, self.intermediate_size, self.hidden_act, name="mlp", **common
-    )(norm(name="layer_norm2")(x))
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -146,22 +77,6 @@ class CLIPTextHyperparameters(nn.Module):
             if f.name not in ("parent", "name")}
 
 
-class CLIPEncoder(CLIPTextHyperparameters):
-  """The layer stack; returns (output of the last layer, input to the last layer)."""
-
-  @nn.compact
-  def __call__(self, x: jax.Array, key_mask_BxL: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    before_last = x
-    for i in range(self.num_hidden_layers):
-      before_last = x
-      x = CLIPEncoderLayer(
-          self.hidden_size, self.intermediate_size, self.num_attention_heads, self.hidden_act,
-          self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-          attention_impl=self.attention_impl, name=f"layers_{i}",
-      )(x, key_mask_BxL)
-    return x, before_last
-
-
 class CLIPTextTransformer(CLIPTextHyperparameters):
   """transformers' ``text_model``: returns (last, penultimate) states, both final-normed."""
 
@@ -171,7 +86,7 @@ class CLIPTextTransformer(CLIPTextHyperparameters):
         self.vocab_size, self.hidden_size, self.max_position_embeddings,
         dtype=self.dtype, param_dtype=self.param_dtype, name="embeddings",
     )(input_ids_BxL)
-    last, penultimate = CLIPEncoder(**self.hyperparameters(), name="encoder")(x, key_mask_BxL)
+    last, penultimate = clip_encoder(self, causal=True)(x, key_mask_BxL)
     final_norm = LayerNorm(epsilon=self.layer_norm_eps, param_dtype=self.param_dtype, name="final_layer_norm")
     return final_norm(last), final_norm(penultimate)
 

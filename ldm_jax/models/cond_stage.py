@@ -12,17 +12,14 @@ fields to the module as keyword arguments (reference ``params`` names):
 - ``concat``: ``SpatialRescaler`` (``n_stages=0``: identity), trainable when it
   has a ``channel_mapper``; unconditional = zeros.
 
-Other keys: ``checkpoint`` (a path: ``.safetensors`` file or folder, or a
-PyTorch ``.ckpt``/``.bin`` when torch is installed) to load the weights from
-an original LDM/SD checkpoint, a diffusers/transformers ``text_encoder`` or an
-OpenCLIP (SD 2.x) file; ``trainable`` to override the default;
+Other keys: ``checkpoint``, a path to the weights (an original LDM/SD
+checkpoint, a diffusers/transformers ``text_encoder`` or an OpenCLIP file),
+read by ``ldm_jax.interop.cond_stage``; ``trainable`` to override the default;
 ``empty_token_ids`` / ``pad_token_id`` for the empty caption (defaults: what
 the reference tokenizers give for ``""``).
 """
 
 import dataclasses
-import glob
-import os
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -32,8 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.interop import naming
-from ldm_jax.interop.openclip import add_text_model_prefix, openclip_text_to_transformers
 from ldm_jax.models.clip_text import CLIPTextModel, clip_text_from_preset
 from ldm_jax.models.conditioners import ClassEmbedder, LayoutEncoder, SpatialRescaler
 from ldm_jax.models.ldm_bert import LDMBert
@@ -64,12 +59,16 @@ class CondStage:
   ignore_keys: tuple[str, ...] = ()  # regexes of checkpoint keys the module does not use
 
   def init(self, rng: jax.Array, cond_input: Any) -> dict[str, Any] | None:
-    """Variables: loaded from ``checkpoint`` when set, else freshly initialised."""
+    """Freshly initialised variables (None without a module).
+
+    A stage with a ``checkpoint`` refuses: its weights come from
+    ``ldm_jax.interop.cond_stage.cond_stage_variables``.
+    """
     if self.module is None:
       return None
     if self.checkpoint is not None:
-      template = jax.eval_shape(self.module.init, rng, cond_input)
-      return load_cond_stage_variables(self, self.checkpoint, template)
+      raise ValueError(f"the cond stage's weights are in {self.checkpoint!r}: read them with "
+                       "ldm_jax.interop.cond_stage.cond_stage_variables, not CondStage.init")
     return jax.jit(self.module.init)(rng, cond_input)
 
   def encode(self, variables: Mapping[str, Any] | None, cond_input: Any, **kwargs: Any) -> Any:
@@ -201,72 +200,3 @@ def _concat(fields, reserved) -> CondStage:
 
 
 _BUILDERS = {"none": _none, "class": _class, "text": _text, "clip": _clip, "layout": _layout, "concat": _concat}
-
-
-# ----------------------------------------------------------------------------- loading
-
-def load_cond_stage_variables(
-    stage: CondStage, checkpoint: str | Mapping[str, Any], template: Mapping[str, Any]
-) -> dict[str, Any]:
-  """Loads ``stage``'s weights from a checkpoint path or an in-memory state dict.
-
-  Accepts an original LDM/SD checkpoint (``cond_stage_model.*``), a bare
-  module state dict (e.g. diffusers' ``text_encoder``, or transformers 5's
-  ``CLIPTextModel`` without ``text_model.``), and for ``clip`` an OpenCLIP
-  text tower (SD 2.x: ``cond_stage_model.model.*``).
-  """
-  what = checkpoint if isinstance(checkpoint, str) else "state dict"
-  state_dict = read_state_dict(checkpoint) if isinstance(checkpoint, str) else dict(checkpoint)
-  prefix = stage.checkpoint_prefix if any(k.startswith(stage.checkpoint_prefix) for k in state_dict) else ""
-  if stage.kind == "clip":
-    for openclip_prefix in ("cond_stage_model.model.", ""):
-      if any(k.startswith(openclip_prefix + "transformer.resblocks.") for k in state_dict):
-        has_projection = stage.module.projection_dim is not None
-        state_dict = openclip_text_to_transformers(
-            state_dict, prefix=openclip_prefix, include_projection=has_projection
-        )
-        prefix = ""
-        break
-    if not prefix:  # transformers 5 saves CLIPTextModel without its `text_model.` level
-      state_dict = add_text_model_prefix(state_dict)
-  return naming.torch_to_flax(state_dict, template, strip_prefix=prefix, ignore=stage.ignore_keys, what=what)
-
-
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """NumPy state dict of a file; only ``cond_stage_model.*`` when the file has those keys.
-
-  ``.safetensors`` (or a folder holding them) needs nothing else; ``.ckpt``,
-  ``.pt``, ``.pth`` and ``.bin`` need torch.
-  """
-  files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else [path]
-  if not files or not all(os.path.isfile(f) for f in files):
-    raise FileNotFoundError(f"no checkpoint at {path!r} (expected a file or a folder of .safetensors)")
-  out: dict[str, np.ndarray] = {}
-  for file in files:
-    out.update(_read_safetensors(file) if file.endswith(".safetensors") else _read_torch(file))
-  cond = {k: v for k, v in out.items() if k.startswith("cond_stage_model.")}
-  return cond or out
-
-
-def _read_safetensors(file: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open
-
-  with safe_open(file, "numpy") as f:
-    keys = list(f.keys())
-    if any(k.startswith("cond_stage_model.") for k in keys):
-      keys = [k for k in keys if k.startswith("cond_stage_model.")]
-    return {k: f.get_tensor(k) for k in keys}
-
-
-def _read_torch(file: str) -> dict[str, np.ndarray]:
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(f"reading {file!r} needs torch; convert it to .safetensors or install torch") from e
-  loaded = torch.load(file, map_location="cpu", weights_only=True)
-  loaded = loaded.get("state_dict", loaded)
-  return {
-      k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()
-      for k, v in loaded.items()
-      if isinstance(v, torch.Tensor)
-  }

@@ -199,7 +199,7 @@ def _rec_loss(
   if cfg.perceptual_weight > 0:
     if lpips_fn is None:
       raise ValueError(
-          "perceptual_weight > 0 needs lpips_fn: load weights with ldm_jax.models.lpips.load_lpips_params "
+          "perceptual_weight > 0 needs lpips_fn: load weights with ldm_jax.interop.lpips.load_lpips_params "
           "and pass make_lpips_fn(params), or set perceptual_weight=0"
       )
     p_loss = lpips_fn(x, x_rec).astype(jnp.float32)

@@ -18,7 +18,7 @@ import ml_collections
 from ldm_jax.diffusion.config import SamplerConfig
 from ldm_jax.evaluation import image_sources, statistics
 from ldm_jax.evaluation.feature_metrics import frechet_distance
-from ldm_jax.evaluation.feature_nets import make_feature_net
+from ldm_jax.evaluation.feature_nets import FeatureNet
 from ldm_jax.pipeline import LDMPipeline
 from ldm_jax.training.loop import Hook
 from ldm_jax.training.metrics_writer import MetricWriter
@@ -49,13 +49,13 @@ class EvalHook:
 
 
 def make_eval_hook(config: ml_collections.ConfigDict, pipeline: LDMPipeline, writer: MetricWriter,
-                   sampler: SamplerConfig) -> Hook:
-  """The hook for ``config.eval`` (``every`` > 0); reads or computes the reference statistics now."""
+                   sampler: SamplerConfig, net: FeatureNet) -> Hook:
+  """The hook for ``config.eval`` (``every`` > 0) with the feature network
+  ``net`` of ``config.eval.feature_net``; reads or computes the reference
+  statistics now."""
   e = config.eval
   if e.num_samples < 2:
     raise ValueError(f"config.eval.num_samples must be >= 2 for a covariance, got {e.num_samples}")
-  net = make_feature_net(e.feature_net, inception_weights=e.inception_weights, judge_weights=e.judge_weights,
-                         flag_prefix="config.eval.")
   extract = net.extractor(pipeline.mesh)
   split = e.split or config.data.eval_split
   model = pipeline.model

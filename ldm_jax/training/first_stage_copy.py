@@ -12,8 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from ldm_jax.interop.weights import load_variables, save_variables
 from ldm_jax.models.first_stage import make_first_stage
+from ldm_jax.training.variables_file import load_variables, save_variables
 
 WEIGHTS, CONFIG = "weights.safetensors", "config.json"
 

@@ -7,13 +7,13 @@ parameterisation, gradients (accumulated over micro-batches in a
 ``lax.scan`` when asked), optimiser update and EMA. Metrics stay on device.
 """
 
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from ldm_jax.assembly import LDMStepConfig
 from ldm_jax.diffusion.losses import diffusion_loss, loss_by_timestep_bucket, sample_timesteps
 from ldm_jax.diffusion.parameterization import q_sample
 from ldm_jax.diffusion.schedules import DiffusionSchedule
@@ -22,21 +22,6 @@ from ldm_jax.models.latent_diffusion import LatentDiffusion, random_inpaint_mask
 from ldm_jax.training.ema import ema_update
 from ldm_jax.training.loop import global_norm
 from ldm_jax.training.state import TrainState
-
-
-@dataclasses.dataclass(frozen=True)
-class LDMStepConfig:
-  prediction_type: str = "eps"
-  loss_type: str = "l2"
-  weighting: str = "none"  # none | min_snr
-  timestep_sampling: str = "uniform"  # uniform | logit_normal (with timestep_loc, timestep_scale)
-  timestep_loc: float = 0.0
-  timestep_scale: float = 1.0
-  cond_dropout: float = 0.0  # p of replacing the condition by the null one (CFG)
-  drop_concat: bool = False  # whether CFG dropout also zeroes concat conditioning
-  ema_decay: float = 0.9999  # 0 disables EMA
-  grad_accum_steps: int = 1
-  num_buckets: int = 10  # loss logged per timestep bucket
 
 
 def encoder_params(model: LatentDiffusion, rng: jax.Array, inputs: dict) -> dict:

@@ -18,20 +18,18 @@ from jax.experimental import multihost_utils
 
 from ldm_jax.data import make_iterator, to_global_array
 from ldm_jax.data.config import validate_image_size
-from ldm_jax.image_grid import make_grid, save_png
+from ldm_jax.data.image_io import make_grid, save_png, to_uint8
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.first_stage import make_first_stage
-from ldm_jax.models.lpips import load_lpips_params
-from ldm_jax.pipeline import to_uint8
-from ldm_jax.reconstruct import ReconstructFn, latent_scale_factor, make_reconstruct_fn
+from ldm_jax.parallel.distributed import compile_in_lockstep
+from ldm_jax.parallel.mesh import batch_sharding, check_batch_size, make_mesh
 from ldm_jax.training import autoencoder_step as step_lib
 from ldm_jax.training.autoencoder_loss import Stage1LossConfig
-from ldm_jax.training.distributed import compile_in_lockstep
 from ldm_jax.training.first_stage_io import first_stage_meta
 from ldm_jax.training.loop import Hook, LoopConfig, train_loop
-from ldm_jax.training.mesh import batch_sharding, check_batch_size, make_mesh
 from ldm_jax.training.metrics_writer import MetricWriter
 from ldm_jax.training.optim import make_optimizer
+from ldm_jax.training.reconstruction import ReconstructFn, latent_scale_factor, make_reconstruct_fn
 
 
 @dataclasses.dataclass
@@ -97,20 +95,22 @@ class FixedImages:
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
-def _load_lpips(loss_section) -> Any:
-  """LPIPS params when the loss needs them (missing file: the loader's error,
-  before anything compiles) or when a file is given (validation LPIPS)."""
-  if loss_section.perceptual_weight > 0 or loss_section.lpips_weights:
-    return load_lpips_params(loss_section.lpips_weights or None)
-  return None
+def needs_lpips(loss_section: ml_collections.ConfigDict) -> bool:
+  """Whether training reads LPIPS weights: for the loss, or for validation when a file is given."""
+  return loss_section.perceptual_weight > 0 or bool(loss_section.lpips_weights)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> AutoencoderTrainResult:
-  """Trains (or resumes) the first stage described by ``config`` in ``workdir``."""
+def train(config: ml_collections.ConfigDict, workdir: str, *, lpips_params: Any = None) -> AutoencoderTrainResult:
+  """Trains (or resumes) the first stage described by ``config`` in ``workdir``.
+
+  ``lpips_params`` (read by the caller, ``ldm_jax.apps.train``, when
+  :func:`needs_lpips`) give the perceptual loss and validation LPIPS.
+  """
   tc = config.train
   # -------------------------------------------------------- loss and model
   loss_cfg = loss_config(config.loss)
-  lpips_params = _load_lpips(config.loss)
+  if loss_cfg.perceptual_weight > 0 and lpips_params is None:
+    raise ValueError("loss.perceptual_weight > 0 needs LPIPS params (see ldm_jax.interop.lpips)")
   model_config = config.model.to_dict()
   model = make_first_stage(model_config)
   if loss_cfg.posterior_logvar_init and model_config["kind"] != "kl":

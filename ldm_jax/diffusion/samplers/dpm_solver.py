@@ -16,7 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.diffusion.samplers.base import Carry, Denoised, Sampler, StepTable, alpha_bars_of, next_alpha_bars, vp_table
+from ldm_jax.diffusion.samplers.base import (
+  Carry,
+  Denoised,
+  Sampler,
+  StepTable,
+  alpha_bars_of,
+  next_alpha_bars,
+  vp_table,
+)
 from ldm_jax.diffusion.schedules import DiffusionSchedule
 
 

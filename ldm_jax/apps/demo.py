@@ -29,12 +29,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from ldm_jax.apps import train as train_app
 from ldm_jax.config import load_config
 from ldm_jax.data import captioned_shapes as shapes
+from ldm_jax.data.image_io import make_grid, save_png, to_uint8
 from ldm_jax.diffusion.config import SamplerConfig
 from ldm_jax.evaluation import shapes_judge
-from ldm_jax.image_grid import make_grid, save_png
-from ldm_jax.pipeline import to_uint8
+from ldm_jax.interop.load import load_first_stage, load_pipeline
+from ldm_jax.training.reconstruction import make_reconstruct_fn
 
 # The experiment configs live next to the package in the repository.
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -150,19 +152,16 @@ def _stop_if_preempted(stage: str, result) -> None:
 
 def run_demo(workdir: str, settings: DemoSettings = DemoSettings()) -> dict:
   """Runs (or resumes) every phase; returns the report written to ``demo_results.json``."""
-  from ldm_jax.loading import load_pipeline
-  from ldm_jax.training import train_autoencoder, train_ldm
-
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   ae_config, ldm_config = demo_configs(workdir, settings)
   timings: dict[str, float] = {}
 
   _banner("1/4 stage 1: autoencoder")
-  ae_result = _timed(timings, "stage1_s", train_autoencoder.train, ae_config, os.path.join(workdir, "autoencoder"))
+  ae_result = _timed(timings, "stage1_s", train_app.train_first_stage, ae_config, os.path.join(workdir, "autoencoder"))
   _stop_if_preempted("stage 1", ae_result)
   _banner("2/4 stage 2: text-conditional latent diffusion model")
-  ldm_result = _timed(timings, "stage2_s", train_ldm.train, ldm_config, os.path.join(workdir, "ldm"))
+  ldm_result = _timed(timings, "stage2_s", train_app.train_latent_diffusion, ldm_config, os.path.join(workdir, "ldm"))
   _stop_if_preempted("stage 2", ldm_result)
 
   _banner("3/4 sampling held-out and seen prompts")
@@ -227,8 +226,6 @@ def run_demo(workdir: str, settings: DemoSettings = DemoSettings()) -> dict:
 def first_stage_round_trip(autoencoder_dir: str, images: np.ndarray) -> np.ndarray:
   """D(E(x)) of images in [-1, 1] through a stage-1 run's weights (posterior
   mean), passed through uint8 as generated images are."""
-  from ldm_jax.reconstruct import make_reconstruct_fn
-  from ldm_jax.training.first_stage_io import load_first_stage
 
   model, variables, _, _ = load_first_stage(autoencoder_dir)
   reconstruct = make_reconstruct_fn(model)

@@ -21,7 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # Column-parallel (output dim) and row-parallel (input dim) projections of
 # attention and feed-forward blocks, in our (reference-mirroring) names.

@@ -27,9 +27,18 @@ import jax
 import ml_collections
 import numpy as np
 
+from ldm_jax.config import load_config
+from ldm_jax.data.image_io import to_uint8
 from ldm_jax.diffusion.config import parse_guidance_interval
 from ldm_jax.evaluation import feature_metrics, image_sources, precision_recall, recipes, statistics
-from ldm_jax.evaluation.feature_nets import FEATURE_NETS, FeatureNet, file_sha256, make_feature_net
+from ldm_jax.evaluation.clip_score import clip_score
+from ldm_jax.evaluation.feature_nets import FEATURE_NETS, FeatureNet
+from ldm_jax.evaluation.image_metrics import psnr, ssim
+from ldm_jax.interop.clip_model import load_clip_scorer
+from ldm_jax.interop.feature_nets import file_sha256, make_feature_net
+from ldm_jax.interop.load import load_first_stage, load_pipeline
+from ldm_jax.training.checkpoint import Checkpointer
+from ldm_jax.training.reconstruction import make_reconstruct_fn
 
 METRICS = ("fid", "kid", "is", "pr", "clip_score", "rfid", "psnr", "ssim")
 SAMPLE_METRICS = ("fid", "kid", "is", "pr", "clip_score")
@@ -143,13 +152,12 @@ def compute_metrics(metrics, gen: dict[str, np.ndarray], real: dict[str, np.ndar
 # --------------------------------------------------------------- the run
 def _run_kind(checkpoint: str) -> tuple[str, int | None, dict | None]:
   """``("samples" | "reconstructions", step, meta)`` of a checkpoint path."""
-  from ldm_jax.training.checkpoint import Checkpointer
 
   if not os.path.exists(checkpoint):
     raise FileNotFoundError(f"--checkpoint {checkpoint!r} does not exist")
   ckpt_dir = os.path.join(checkpoint, "checkpoints")
   if not os.path.isdir(ckpt_dir):
-    return "samples", None, None  # a published model: ldm_jax.loading dispatches it
+    return "samples", None, None  # a published model: ldm_jax.interop.load dispatches it
   checkpointer = Checkpointer(ckpt_dir, async_save=False)
   try:
     step = checkpointer.latest_step()
@@ -163,7 +171,6 @@ def _run_kind(checkpoint: str) -> tuple[str, int | None, dict | None]:
 
 def _data_config(request: EvalRequest, meta: dict | None) -> ml_collections.ConfigDict | None:
   if request.config:
-    from ldm_jax.config import load_config
 
     return load_config(request.config).data
   if meta and "config" in meta:
@@ -228,7 +235,6 @@ def run(request: EvalRequest) -> dict[str, Any]:
   extract = net.extractor() if net is not None else None
   scorer = None
   if "clip_score" in metrics:
-    from ldm_jax.evaluation.clip_model import load_clip_scorer
 
     scorer = load_clip_scorer(request.clip_weights)
   gen_extract = _combined(extract, scorer.extractor() if scorer is not None else None)
@@ -281,7 +287,6 @@ def run(request: EvalRequest) -> dict[str, Any]:
 
 
 def _sample_features(request: EvalRequest, scan, extract, data_config) -> tuple[dict, list[str], dict]:
-  from ldm_jax.loading import load_pipeline
 
   pipeline = load_pipeline(request.checkpoint, compute_dtype=request.dtype)
   model = pipeline.model
@@ -333,7 +338,6 @@ def _combined(extract, clip_extract):
 
 
 def _clip_score(scorer, image_embeds: np.ndarray, texts: list[str]) -> float:
-  from ldm_jax.evaluation.clip_score import clip_score
 
   if len(texts) != len(image_embeds) or not all(texts):
     raise ValueError("clip_score needs a caption for every image: a text-conditional model, or a folder with a "
@@ -343,10 +347,6 @@ def _clip_score(scorer, image_embeds: np.ndarray, texts: list[str]) -> float:
 
 def _evaluate_reconstructions(request: EvalRequest, data_config, extract, metrics) -> dict:
   """rFID / PSNR / SSIM of a first stage's reconstructions of the reference split."""
-  from ldm_jax.evaluation.image_metrics import psnr, ssim
-  from ldm_jax.pipeline import to_uint8
-  from ldm_jax.reconstruct import make_reconstruct_fn
-  from ldm_jax.training.first_stage_io import load_first_stage
 
   if data_config is None:
     raise ValueError("a stage-1 evaluation needs the dataset: the run's config or --config")

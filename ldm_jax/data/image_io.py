@@ -1,10 +1,16 @@
-"""Image grids and PNG files with their settings in the metadata."""
+"""Images out: [-1, 1] floats to uint8, grids, and PNG files with their
+settings in the metadata."""
 
 import json
 import os
 
 import numpy as np
 from PIL import Image, PngImagePlugin
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] float images → uint8."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def make_grid(images_NxHxWx3: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:

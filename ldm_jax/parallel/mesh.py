@@ -14,7 +14,8 @@ import jax
 import ml_collections
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 # Activations' batch dimension is split over both data-parallel axes.
@@ -86,6 +87,11 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
     except (ValueError, NotImplementedError, AssertionError):
       grid = np.asarray(devices).reshape(shape)  # e.g. fake CPU devices
   return Mesh(grid, AXES, axis_types=(axis_type,) * len(AXES))
+
+
+def data_parallel_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Every (given) device on the ``data`` axis: the default mesh for sampling."""
+  return make_mesh(default_mesh_config(), devices)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

@@ -6,6 +6,8 @@ import os
 
 import jax
 
+from ldm_jax.parallel.distributed import maybe_initialize
+
 
 def setup_runtime(
     *,
@@ -22,8 +24,6 @@ def setup_runtime(
   ``cpu_devices > 0`` splits the host CPU into that many JAX devices (see
   :func:`split_cpu`); it must run before JAX has created its backends.
   """
-  from ldm_jax.training.distributed import maybe_initialize
-
   split_cpu(cpu_devices)
   maybe_initialize(coordinator_address, num_processes, process_id)
   if compilation_cache_dir:

@@ -8,9 +8,10 @@ import os
 import numpy as np
 from PIL import Image
 
+from ldm_jax.data.image_io import make_grid, save_png
 from ldm_jax.diffusion.config import parse_guidance_interval
 from ldm_jax.diffusion.samplers import SAMPLERS
-from ldm_jax.image_grid import make_grid, save_png
+from ldm_jax.interop.load import load_pipeline
 
 
 @dataclasses.dataclass
@@ -91,7 +92,6 @@ def run(request: SampleRequest) -> list[str]:
   """Samples every requested image; returns the written file paths."""
   from tqdm import tqdm
 
-  from ldm_jax.loading import load_pipeline
 
   pipeline = load_pipeline(request.checkpoint, use_ema=request.use_ema, compute_dtype=request.dtype)
   model = pipeline.model

@@ -1,0 +1,46 @@
+"""``train.py``: train a first stage or a latent diffusion model.
+
+The trainers in ``ldm_jax.training`` never open weight files; this module
+reads what a config names through ``ldm_jax.interop`` (LPIPS for stage 1;
+the first stage, a frozen text encoder and the FID network for stage 2) and
+hands it over.
+"""
+
+import ml_collections
+
+from ldm_jax.assembly import build_model, step_config
+from ldm_jax.interop.feature_nets import make_feature_net
+from ldm_jax.interop.load import first_stage_for, frozen_cond_variables
+from ldm_jax.interop.lpips import load_lpips_params
+from ldm_jax.training import train_autoencoder, train_ldm
+
+STAGES = ("autoencoder", "ldm")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str):
+  """Trains (or resumes) the stage ``config.stage`` names in ``workdir``."""
+  if config.stage == "autoencoder":
+    return train_first_stage(config, workdir)
+  if config.stage == "ldm":
+    return train_latent_diffusion(config, workdir)
+  raise ValueError(f"config.stage must be one of {STAGES}, got {config.stage!r}")
+
+
+def train_first_stage(config: ml_collections.ConfigDict, workdir: str) -> train_autoencoder.AutoencoderTrainResult:
+  lpips = None
+  if train_autoencoder.needs_lpips(config.loss):  # a missing file fails here, before anything compiles
+    lpips = load_lpips_params(config.loss.lpips_weights or None)
+  return train_autoencoder.train(config, workdir, lpips_params=lpips)
+
+
+def train_latent_diffusion(config: ml_collections.ConfigDict, workdir: str) -> train_ldm.TrainResult:
+  step_config(config)  # a bad diffusion setting fails here, before anything loads
+  first_stage = first_stage_for(config)
+  model = build_model(config, first_stage.model_config, first_stage.scale_factor)
+  feature_net = None
+  if config.get("eval") is not None and config.eval.every > 0:
+    e = config.eval
+    feature_net = make_feature_net(e.feature_net, inception_weights=e.inception_weights,
+                                   judge_weights=e.judge_weights, flag_prefix="config.eval.")
+  return train_ldm.train(config, workdir, first_stage=first_stage, cond_variables=frozen_cond_variables(model, config),
+                         feature_net=feature_net)

@@ -1,0 +1,159 @@
+"""Reading our own run directories: a stage-1 run's autoencoder and a
+stage-2 run's model, tokenizer and first-stage copy.
+
+Only the weights that are asked for are read (never the optimiser or
+discriminator state, nor the other of raw/EMA weights), onto one local
+device whatever devices saved them.
+"""
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ldm_jax.assembly import build_model, example_inputs, schedule_from_config, step_config
+from ldm_jax.data.tokenizers import load_tokenizer
+from ldm_jax.interop.cond_stage import cond_stage_variables
+from ldm_jax.models.autoencoder import AutoencoderKL
+from ldm_jax.models.first_stage import make_first_stage
+from ldm_jax.models.latent_diffusion import LatentDiffusion
+from ldm_jax.models.vq import VQModel
+from ldm_jax.pipeline import LDMPipeline
+from ldm_jax.training import ldm_step
+from ldm_jax.training.checkpoint import Checkpointer, restore_subtree
+from ldm_jax.training.first_stage_copy import load_first_stage_copy
+from ldm_jax.training.first_stage_io import AE_PARAMS_PATH, STAGE
+
+
+def is_run_dir(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def load_first_stage_run(
+    path: str | os.PathLike,
+    *,
+    model_config: Mapping[str, Any] | None = None,
+    step: int | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+) -> tuple[AutoencoderKL | VQModel, dict, float, dict]:
+  """``(model, variables, scale_factor, model_config)`` of a trained first stage.
+
+  Args:
+    path: a stage-1 run directory (or its ``checkpoints`` folder).
+    model_config: ``{kind, embed_dim, n_embed, ddconfig}`` to build instead
+      of the stored one (e.g. a stage-2 config's ``first_stage``); arrays
+      that do not fit it are named in one :class:`CheckpointMismatchError`.
+    step: the checkpoint to read (default: the latest).
+    sharding: where to place the weights (default: the first local device).
+  """
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if os.path.isfile(path):
+    raise NotImplementedError(
+        f"{path} is a file: loading pretrained first stages (original LDM .ckpt, diffusers "
+        "files) is not supported here; pass a stage-1 run directory (train.py --workdir)"
+    )
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no stage-1 run directory at {path!r}")
+  return _load_run(path, model_config, step, sharding)
+
+
+def _checkpoint_dir(run_dir: str) -> str:
+  nested = os.path.join(run_dir, "checkpoints")
+  return nested if os.path.isdir(nested) else run_dir
+
+
+def _load_run(run_dir, model_config, step, sharding):
+  ckpt_dir = _checkpoint_dir(run_dir)
+  manager = ocp.CheckpointManager(
+      ckpt_dir,
+      options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+  )
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(
+          f"no checkpoint in {ckpt_dir!r}: not a stage-1 run directory (expected {run_dir}/checkpoints/<step>)"
+      )
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise FileNotFoundError(f"no checkpoint {step} in {ckpt_dir!r}; available steps: {sorted(steps)}")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
+    if meta.get("stage") != STAGE:
+      raise ValueError(
+          f"checkpoint {step} in {ckpt_dir!r} is not a first stage (its metadata says stage "
+          f"{meta.get('stage')!r}, expected {STAGE!r})"
+      )
+    model_config = dict(model_config if model_config is not None else meta["model"])
+    model = make_first_stage(model_config)
+  finally:
+    manager.close()
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  params = restore_subtree(ckpt_dir, step, AE_PARAMS_PATH, _abstract_params(model), sharding, what="the first stage")
+  return model, {"params": params}, float(meta["scale_factor"]), model_config
+
+
+def _abstract_params(model: AutoencoderKL | VQModel) -> Any:
+  """Parameter shapes of ``model`` (nothing is allocated)."""
+  size = model.downsample_factor
+  x = jax.ShapeDtypeStruct((1, size, size, model.ddconfig.get("in_channels", 3)), jax.numpy.float32)
+  kw = {"sample_posterior": False} if isinstance(model, AutoencoderKL) else {}
+  return jax.eval_shape(lambda rng, x: model.init(rng, x, **kw), jax.random.key(0), x)["params"]
+
+
+def frozen_cond_variables(model: LatentDiffusion, config: ml_collections.ConfigDict) -> Any:
+  """The frozen conditioning encoder's variables (from its ``checkpoint`` when
+  it names one); None when the encoder is trained with the UNet or absent."""
+  if model.cond_key is None or model.cond_stage.trainable:
+    return None
+  tokens = np.zeros((1, config.data.tokenizer.max_length), np.int32)
+  return cond_stage_variables(model.cond_stage, jax.random.key(0), tokens)
+
+
+def load_ldm_run(path: str, *, use_ema: bool = True, mesh=None, compute_dtype: str | None = None) -> LDMPipeline:
+  """The pipeline of a stage-2 run directory's latest checkpoint (EMA weights by default)."""
+  checkpointer = Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{path} is a run directory without checkpoints yet")
+  meta = checkpointer.read_meta(step)
+  if not meta or "first_stage" not in meta:
+    raise ValueError(f"{path} holds a stage-1 (autoencoder) run, not a latent diffusion model")
+  config = ml_collections.ConfigDict(meta["config"])
+  if compute_dtype:
+    config.precision.compute_dtype = compute_dtype
+  tokenizer = None
+  if meta.get("tokenizer"):
+    tok_cfg = ml_collections.ConfigDict(dict(config.data.tokenizer.to_dict(), path=os.path.join(path, meta["tokenizer"])))
+    tokenizer = load_tokenizer(tok_cfg)
+  _, fs_variables, _, fs_config = load_first_stage_copy(os.path.join(path, "first_stage"))
+  model = build_model(config, fs_config, meta["scale_factor"], tokenizer)
+  frozen = {"first_stage": fs_variables}
+  max_length = config.data.tokenizer.max_length
+  cond = frozen_cond_variables(model, config)
+  if cond is not None:
+    frozen["cond"] = cond
+
+  # Only the weights sampling uses are read (not the other set nor Adam's two moments: three
+  # quarters of the state), onto one local device whatever devices saved them (the demo trains on two
+  # CPU devices, sample.py may run on one); the pipeline then places them on its own mesh.
+  example = example_inputs(model, config)
+  side = config.data.image_size // model.downsample_factor
+  cond_shapes = ldm_step.conditioning_shapes(model, example, frozen)
+  abstract = jax.eval_shape(
+      lambda rng: ldm_step.init_params(model, rng, example, cond_shapes, (1, side, side, model.latent_channels)),
+      jax.random.key(0),
+  )
+  key = "ema_params" if use_ema and step_config(config).ema_decay > 0 else "params"
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  params = restore_subtree(checkpointer.directory, step, (key,), abstract, device, what=f"the LDM's {key}")
+  checkpointer.close()
+  return LDMPipeline(
+      model, params, frozen, schedule_from_config(config.diffusion), tokenizer, max_length,
+      config.diffusion.prediction_type, config.data.image_size, mesh,
+  )

@@ -1,0 +1,2 @@
+"""Devices and processes: the mesh, partition rules, multi-host start-up and
+the process runtime, shared by training and sampling."""
