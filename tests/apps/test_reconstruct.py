@@ -17,7 +17,7 @@ from ldm_jax.interop.load import load_first_stage
 from ldm_jax.models.first_stage import make_first_stage
 from ldm_jax.training.first_stage_io import save_first_stage
 
-REPO = pathlib.Path(__file__).parents[1]
+REPO = pathlib.Path(__file__).parents[2]
 SIZE = 32
 MODEL = dict(kind="kl", embed_dim=3, n_embed=0, ddconfig=dict(
     double_z=True, z_channels=3, resolution=SIZE, ch=8, ch_mult=[1, 2], num_res_blocks=1,

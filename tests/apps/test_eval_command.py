@@ -27,7 +27,7 @@ from ldm_jax.interop import feature_nets
 
 pytestmark = pytest.mark.slow  # a training run, then sampling from its checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM, BATCH, STEPS, GUIDANCE = 16, 8, 4, 3.0
 
 

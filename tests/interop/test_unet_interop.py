@@ -21,7 +21,7 @@ from ldm_jax.interop.diffusers_unet import (
 from ldm_jax.models.unet import UNetModel, unet_preset
 
 PREFIX = "model.diffusion_model."
-KEYS_FILE = pathlib.Path(__file__).parent / "data" / "sd_v1_state_dict_keys.txt"
+KEYS_FILE = pathlib.Path(__file__).parents[1] / "fixtures" / "sd_v1_state_dict_keys.txt"
 
 # The published diffusers unet/config.json of SD v1.5 and SD v2.1.
 SD_V1_DIFFUSERS = {

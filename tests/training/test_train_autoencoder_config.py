@@ -16,8 +16,8 @@ from ldm_jax.models.first_stage import make_first_stage
 from ldm_jax.training.optim import make_optimizer
 from ldm_jax.training.train_autoencoder import loss_config, make_discriminator
 
-CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "autoencoder.py"
-KEYS_FILE = pathlib.Path(__file__).parent / "data" / "sd_v1_state_dict_keys.txt"
+CONFIG = pathlib.Path(__file__).parents[2] / "configs" / "autoencoder.py"
+KEYS_FILE = pathlib.Path(__file__).parents[1] / "fixtures" / "sd_v1_state_dict_keys.txt"
 # variant: (kind, downsampling factor, latent channels, codebook size, levels with attention, mid attention)
 ZOO = {
     "kl_f4": ("kl", 4, 3, None, (), True),

@@ -15,7 +15,7 @@ from ldm_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian, freeze_d
 from ldm_jax.models.vq import VQModel
 from ldm_jax.nn.ae_blocks import conv
 
-KEYS_FILE = pathlib.Path(__file__).parent / "data" / "sd_v1_state_dict_keys.txt"
+KEYS_FILE = pathlib.Path(__file__).parents[1] / "fixtures" / "sd_v1_state_dict_keys.txt"
 SD_V1_DDCONFIG = dict(
     double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3,
     ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0,

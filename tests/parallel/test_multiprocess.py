@@ -18,7 +18,7 @@ import tempfile
 import numpy as np
 import pytest
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
+WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "multiprocess_worker.py")
 CACHE = os.environ.get("LDM_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "ldm_jax_test_xla_cache"))
 TIMEOUT_S = 900
 

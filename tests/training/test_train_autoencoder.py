@@ -23,7 +23,7 @@ from ldm_jax.models.first_stage import make_first_stage
 from ldm_jax.training.checkpoint import Checkpointer, CheckpointMismatchError
 from ldm_jax.training.loop import NonFiniteLossError
 
-CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "autoencoder.py"
+CONFIG = pathlib.Path(__file__).parents[2] / "configs" / "autoencoder.py"
 STEPS = 12
 
 

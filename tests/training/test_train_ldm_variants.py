@@ -27,7 +27,7 @@ from ldm_jax.config import load_config
 from ldm_jax.data.image_io import to_uint8
 from ldm_jax.interop.load import load_pipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE, LATENT, CHANNELS = 32, 8, 3  # tiny config: 32x32 images, KL-f4 first stage with 3 latent channels
 VARIANTS = ("shapes_class", "shapes_layout", "shapes_semantic", "shapes_sr", "shapes_inpaint")
 # Sampling compiles one more program per variant (~20 s of CPU each): the
