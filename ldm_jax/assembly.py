@@ -58,7 +58,8 @@ def _text_cond_overrides(config: ml_collections.ConfigDict, tokenizer) -> dict:
     return {}
   ids, mask = tokenize(tokenizer, [""], config.data.tokenizer.max_length)
   n = int(mask[0].sum())
-  return {"empty_token_ids": tuple(int(i) for i in ids[0, :n]), "pad_token_id": int(ids[0, -1]) if n < ids.shape[1] else 0}
+  pad = int(ids[0, -1]) if n < ids.shape[1] else 0
+  return {"empty_token_ids": tuple(int(i) for i in ids[0, :n]), "pad_token_id": pad}
 
 
 def build_model(config: ml_collections.ConfigDict, first_stage_config: dict, scale_factor: float,

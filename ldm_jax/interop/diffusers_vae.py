@@ -105,7 +105,8 @@ def diffusers_config_from_first_stage(section: Mapping[str, Any], scaling_factor
 def _module_pairs(levels: int, num_res_blocks: int) -> list[tuple[str, str]]:
   """(diffusers module, original module) for every module of a VAE with ``levels`` levels."""
   # (VQ models, which share the trunk, also have a codebook.)
-  pairs = [("quant_conv", "quant_conv"), ("post_quant_conv", "post_quant_conv"), ("quantize.embedding", "quantize.embedding")]
+  pairs = [("quant_conv", "quant_conv"), ("post_quant_conv", "post_quant_conv"),
+           ("quantize.embedding", "quantize.embedding")]
   for side in ("encoder", "decoder"):
     pairs += [(f"{side}.conv_in", f"{side}.conv_in"), (f"{side}.conv_out", f"{side}.conv_out"),
               (f"{side}.conv_norm_out", f"{side}.norm_out")]

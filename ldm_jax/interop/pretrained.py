@@ -233,7 +233,8 @@ def build_from_parts(parts: dict[str, Any], compute_dtype: str):
   if tok is not None and cond["kind"] in ("clip", "text"):
     ids, mask = tokenize(tok, [""], max_length)
     n = int(mask[0].sum())
-    cond.update(empty_token_ids=tuple(int(i) for i in ids[0, :n]), pad_token_id=int(ids[0, -1]) if n < max_length else 0)
+    pad = int(ids[0, -1]) if n < max_length else 0
+    cond.update(empty_token_ids=tuple(int(i) for i in ids[0, :n]), pad_token_id=pad)
   model = build_latent_diffusion(
       unet=parts["unet"], first_stage=parts["first_stage"], cond_stage=cond, concat=parts["concat"],
       ldm=parts["ldm"], scale_factor=parts["scale_factor"], compute_dtype=compute_dtype,
@@ -297,7 +298,7 @@ def pipeline_from_parts(parts: dict[str, Any], model, tok, max_length: int, para
 def weight_templates(model, max_length: int) -> dict[str, Any]:
   """Abstract variables (shapes only) of every component."""
   key = jax.random.key(0)
-  f, c = model.downsample_factor, model.latent_channels
+  f = model.downsample_factor
   unet = model.unet
   x = jax.ShapeDtypeStruct((1, 2 * f, 2 * f, unet.in_channels), np.float32)
   ctx = jax.ShapeDtypeStruct((1, max_length, unet.context_dim), np.float32) if unet.context_dim else None

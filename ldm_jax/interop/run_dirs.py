@@ -129,7 +129,8 @@ def load_ldm_run(path: str, *, use_ema: bool = True, mesh=None, compute_dtype: s
     config.precision.compute_dtype = compute_dtype
   tokenizer = None
   if meta.get("tokenizer"):
-    tok_cfg = ml_collections.ConfigDict(dict(config.data.tokenizer.to_dict(), path=os.path.join(path, meta["tokenizer"])))
+    tok_path = os.path.join(path, meta["tokenizer"])
+    tok_cfg = ml_collections.ConfigDict(dict(config.data.tokenizer.to_dict(), path=tok_path))
     tokenizer = load_tokenizer(tok_cfg)
   _, fs_variables, _, fs_config = load_first_stage_copy(os.path.join(path, "first_stage"))
   model = build_model(config, fs_config, meta["scale_factor"], tokenizer)

@@ -107,7 +107,8 @@ class LatentDiffusion:
       )
     if self.unet.out_channels != self.latent_channels:
       raise ValueError(
-          f"unet.out_channels={self.unet.out_channels} but the first stage's latents have {self.latent_channels} channels"
+          f"unet.out_channels={self.unet.out_channels} but the first stage's latents have "
+          f"{self.latent_channels} channels"
       )
     if self.cond_stage.mode == "crossattn":
       if self.unet.context_dim != self.cond_stage.output_dim:

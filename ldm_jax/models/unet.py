@@ -201,7 +201,8 @@ class UNetModel(nn.Module):
           SpatialTransformer, heads=heads, dim_head=dim_head, depth=self.transformer_depth,
           use_linear=self.use_linear_in_transformer, **common,
       )(h, context, mask)
-    return self._layer(AttentionBlock, num_heads=heads, use_new_attention_order=self.use_new_attention_order, **common)(h)
+    block = self._layer(AttentionBlock, num_heads=heads, use_new_attention_order=self.use_new_attention_order, **common)
+    return block(h)
 
   def _embed(self, timesteps_B: jax.Array, y_B: jax.Array | None, batch: int) -> jax.Array:
     """Time (+ class) embedding, (B, 4 * model_channels), computed in float32."""

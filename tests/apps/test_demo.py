@@ -176,7 +176,8 @@ def test_stage2_refuses_to_resume_on_another_first_stage(demo_run, tmp_path):
   _, variables, scale, fs_config = load_first_stage_copy(copy_dir)
   nudged = jax.tree.map(lambda a: np.asarray(a) + 1e-3, variables)
   save_first_stage_copy(copy_dir, nudged, fs_config, scale)
-  with pytest.raises(ValueError, match="trained on another first stage: the one it saved and .* differ in their weights"):
+  message = "trained on another first stage: the one it saved and .* differ in their weights"
+  with pytest.raises(ValueError, match=message):
     train_latent_diffusion(ldm_config, os.path.join(moved, "ldm"))
   # Without checkpoints there is nothing to protect: stage 2 starts over, and drops latents cached from the old one.
   save_first_stage_copy(copy_dir, nudged, fs_config, scale * 2)

@@ -229,7 +229,8 @@ import numpy as np
 from ldm_jax.diffusion.config import SamplerConfig
 from ldm_jax.interop.load import load_pipeline
 assert jax.device_count() == 1
-images = load_pipeline(sys.argv[1]).text_to_image([sys.argv[2]], sampler=SamplerConfig("ddim", int(sys.argv[3])), seed=0)
+sampler = SamplerConfig("ddim", int(sys.argv[3]))
+images = load_pipeline(sys.argv[1]).text_to_image([sys.argv[2]], sampler=sampler, seed=0)
 np.save(sys.argv[4], images)
 """
 

@@ -116,7 +116,8 @@ def test_grids_equal_diffusers(spacing, n):
   pytest.importorskip("torch")
   from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-  cases = [("ddim", DDIMScheduler, {}), ("euler", EulerDiscreteScheduler, {}), ("dpmpp_2m", DPMSolverMultistepScheduler, {})]
+  cases = [("ddim", DDIMScheduler, {}), ("euler", EulerDiscreteScheduler, {}),
+           ("dpmpp_2m", DPMSolverMultistepScheduler, {})]
   for sampler, cls, kwargs in cases:
     ref = _diffusers_timesteps(cls, spacing, n, **kwargs)
     ours = SamplerConfig(sampler=sampler, num_steps=n, timestep_spacing=spacing).make_sampler().timesteps(1000)

@@ -43,7 +43,8 @@ def setup():
   mean, cov = 1.5 * rng.normal(size=4), m @ m.T / 4 + 0.2 * np.eye(4)
   schedule = make_schedule("linear", 1000, 0.00085, 0.012)
   params = gaussian_params(mean, cov, schedule.sigmas)
-  return dict(schedule=schedule, params=params, torch_params={k: torch.tensor(np.asarray(v)) for k, v in params.items()},
+  torch_params = {k: torch.tensor(np.asarray(v)) for k, v in params.items()}
+  return dict(schedule=schedule, params=params, torch_params=torch_params,
               x_T=rng.normal(size=SHAPE).astype(np.float32), init=rng.normal(size=SHAPE).astype(np.float32))
 
 

@@ -68,7 +68,8 @@ def test_matches_pytorch_layers(net_and_vars):
   x, variables = net_and_vars
   sd = {k: torch.tensor(v) for k, v in naming.flax_to_torch(variables).items()}
   conv = torch.nn.Conv2d(3, 6, 3, padding=1)
-  conv.load_state_dict({"weight": sd["input_blocks.1.0.in_layers.2.weight"], "bias": sd["input_blocks.1.0.in_layers.2.bias"]})
+  prefix = "input_blocks.1.0.in_layers.2."
+  conv.load_state_dict({"weight": sd[prefix + "weight"], "bias": sd[prefix + "bias"]})
   ours = nn.Conv(6, (3, 3), padding=1).apply(
       {"params": variables["params"]["input_blocks_1_0"]["in_layers_2"]}, x
   )

@@ -33,7 +33,8 @@ SD_V1_DIFFUSERS = {
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
 SD_V2_DIFFUSERS = {
-    **SD_V1_DIFFUSERS, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "dual_cross_attention": False,
+    **SD_V1_DIFFUSERS, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
+    "dual_cross_attention": False,
     "sample_size": 96, "upcast_attention": True, "use_linear_projection": True,
 }
 

@@ -16,7 +16,8 @@ from ldm_jax.interop.openclip import add_text_model_prefix
 from ldm_jax.models.clip_text import CLIPTextModel, clip_text_from_preset
 
 VOCAB, EOS, WIDTH, HEADS, INTERMEDIATE, LAYERS, MAX_POS, LENGTH = 99, 98, 32, 4, 48, 2, 20, 16
-SD_V1_KEYS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "sd_v1_state_dict_keys.txt")
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SD_V1_KEYS = os.path.join(TESTS, "fixtures", "sd_v1_state_dict_keys.txt")
 
 
 def random_caption_ids(seed, pad_id, batch=3):

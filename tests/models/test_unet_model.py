@@ -42,7 +42,8 @@ FAMILIES = {
     ),
     "lsun_churches_kl8": (  # scale-shift norm, resblocks for up/downsampling
         unet_preset("lsun_churches_kl8", **TINY, channel_mult=(1, 2, 2), attention_resolutions=(2, 4)),
-        ["input_blocks.2.0.in_layers.0.weight", "output_blocks.1.2.out_layers.3.weight", "output_blocks.3.2.in_layers.0.weight",
+        ["input_blocks.2.0.in_layers.0.weight", "output_blocks.1.2.out_layers.3.weight",
+         "output_blocks.3.2.in_layers.0.weight",
          "output_blocks.3.0.skip_connection.weight"],
     ),
     "celebahq_vq4": (

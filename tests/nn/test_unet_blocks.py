@@ -58,7 +58,8 @@ def test_attention_block_matches_reference(x, new_order, heads, head_channels):
   params = _random_params(block, x, seed=1)
   expected_heads = heads if head_channels == -1 else C // head_channels
   ours = jax.jit(block.apply)({"params": params}, x)
-  np.testing.assert_allclose(ours, attention_block_reference(x, params, expected_heads, new_order), rtol=1e-5, atol=1e-5)
+  expected = attention_block_reference(x, params, expected_heads, new_order)
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
   # The two qkv channel orders are different functions, so the flag is really exercised.
   other_order = attention_block_reference(x, params, expected_heads, not new_order)
   assert np.abs(np.asarray(ours) - other_order).max() > 1e-2
@@ -81,7 +82,8 @@ def test_resampling_without_conv(x):
 
 def test_resampling_convs_shapes_and_names(x):
   down, up = Downsample(out_channels=8), Upsample()
-  down_params, up_params = jax.eval_shape(down.init, jax.random.key(0), x), jax.eval_shape(up.init, jax.random.key(0), x)
+  down_params = jax.eval_shape(down.init, jax.random.key(0), x)
+  up_params = jax.eval_shape(up.init, jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, down_params["params"]) == {"op": {"kernel": (3, 3, C, 8), "bias": (8,)}}
   assert jax.tree.map(jnp.shape, up_params["params"]) == {"conv": {"kernel": (3, 3, C, C), "bias": (C,)}}
   assert jax.eval_shape(down.apply, down_params, x).shape == (B, H // 2, W // 2, 8)

@@ -14,7 +14,6 @@ full-size differences).
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -165,14 +164,17 @@ def test_bad_layouts_name_the_sizes(setup):
     _mesh((3, -1, 1), 8)
   with pytest.raises(ValueError, match=r"needs 4 devices but 8 are available"):
     _mesh((1, 4, 1), 8)
-  with pytest.raises(ValueError, match=r"batch_size=6 is not divisible by the data-parallel size 4 \(mesh data=1 x fsdp=4\)"):
+  message = r"batch_size=6 is not divisible by the data-parallel size 4 \(mesh data=1 x fsdp=4\)"
+  with pytest.raises(ValueError, match=message):
     mesh_lib.check_batch_size(6, _mesh((1, 4, 1), 4))
   # A real UNet weight on an fsdp axis of 3: no dimension of the tiny UNet's
   # 32/64-channel kernels divides by 3.
   init, _ = _pieces(setup)
   abstract = jax.eval_shape(init, jax.random.key(0))
-  with pytest.raises(partitioning.PartitionError, match=r"params/\S+ of shape \(\d.*\) has no dimension divisible by the fsdp axis size 3"):
+  message = r"params/\S+ of shape \(\d.*\) has no dimension divisible by the fsdp axis size 3"
+  with pytest.raises(partitioning.PartitionError, match=message):
     partitioning.state_shardings(abstract, _mesh((1, 3, 1), 3), fsdp_min_size=FSDP_MIN)
   # A rule naming an axis the weight cannot take is skipped, then FSDP places it.
   mesh = _mesh((1, 4, 1), 4)
-  assert partitioning.spec_for("w/kernel", (6, 64, 64), mesh, fsdp_min_size=1, rules=((r"w/kernel", ("fsdp", None, None)),)) == P(None, "fsdp", None)
+  rules = ((r"w/kernel", ("fsdp", None, None)),)
+  assert partitioning.spec_for("w/kernel", (6, 64, 64), mesh, fsdp_min_size=1, rules=rules) == P(None, "fsdp", None)

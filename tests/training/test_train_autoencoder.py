@@ -142,7 +142,8 @@ def test_load_first_stage_errors_name_the_problem(runs, tmp_path):
     load_first_stage(weights)
   other = runs["config"].model.to_dict()
   other["embed_dim"] = 5
-  with pytest.raises(CheckpointMismatchError, match=r"quant_conv/kernel: checkpoint \(1, 1, 6, 6\) vs model \(1, 1, 6, 10\)"):
+  message = r"quant_conv/kernel: checkpoint \(1, 1, 6, 6\) vs model \(1, 1, 6, 10\)"
+  with pytest.raises(CheckpointMismatchError, match=message):
     load_first_stage(runs["root"] / "a", model_config=other)
 
 

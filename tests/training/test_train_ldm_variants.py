@@ -18,7 +18,6 @@ this same tiny class-conditional model and continues to step 4.
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
