@@ -7,8 +7,8 @@ float32 parity exact. Both layers use the two-pass variance, like PyTorch.
 GroupNorm has a hand-written backward pass, optionally fused with the SiLU
 that follows it in every ResNet block. Autodiff of the plain formula spends
 almost as long in the norms and activations of a small conv net as in its
-convolutions on a CPU; the fused pair makes the demo autoencoder's training
-step 1.2-1.4x faster (``benchmarks/norm_speed.py``).
+convolutions on a CPU; the fused pair speeds the demo autoencoder's training
+step up (``benchmarks/norm_speed.py``; figures in BENCHMARKS.md).
 """
 
 import functools

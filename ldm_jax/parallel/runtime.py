@@ -40,10 +40,9 @@ def setup_runtime(
 def split_cpu(num_devices: int) -> None:
   """Makes JAX's CPU backend ``num_devices`` devices (``num_devices <= 0``: leave it).
 
-  XLA:CPU runs one program's small convolutions on about one core: the demo's
-  autoencoder step takes the same time on one core as on two (250 ms for 16
-  crops). Split into two devices, the data-parallel step runs one half-batch
-  per core, 1.5x faster (the demo's UNet forward + backward: 1.2x). A device count already
+  XLA:CPU runs one program's small convolutions on about one core. Split
+  into devices, the data-parallel step runs one shard per core (the demo's
+  speed-up is in docs/benchmarks.md). A device count already
   forced through ``XLA_FLAGS`` (``--xla_force_host_platform_device_count``)
   is the user's choice and wins. Accelerators are not affected.
   """
