@@ -52,9 +52,9 @@ def main(argv):
   )
   try:
     request.validate()
-  except ValueError as e:
+    run(request)
+  except ValueError as e:  # bad flags, and checkpoints that cannot be loaded: one line, no traceback
     sys.exit(f"error: {e}")
-  run(request)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import logging
+import math
 import os
 
 import numpy as np
@@ -12,6 +13,9 @@ from ldm_jax.data.image_io import make_grid, save_png
 from ldm_jax.diffusion.config import parse_guidance_interval
 from ldm_jax.diffusion.samplers import SAMPLERS
 from ldm_jax.interop.load import load_pipeline
+
+# Compute dtypes a model runs in (parameters stay float32).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
@@ -39,7 +43,20 @@ class SampleRequest:
   output: str = "samples"
 
   def validate(self) -> None:
-    """Checks what can be checked before loading the model."""
+    """Checks what can be checked before loading the model; a ValueError names the flag and value."""
+    if not os.path.exists(self.checkpoint):
+      raise ValueError(f"--checkpoint {self.checkpoint!r} does not exist")
+    if os.path.exists(self.output) and not os.path.isdir(self.output):
+      raise ValueError(f"--output {self.output!r} is a file, not a directory")
+    if not math.isfinite(self.guidance) or self.guidance < 0:
+      raise ValueError(f"--guidance must be a finite number >= 0 (1: off), got {self.guidance}")
+    if not 0.0 <= self.eta <= 1.0:  # also refuses nan
+      raise ValueError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {self.eta}")
+    for flag, size in (("--height", self.height), ("--width", self.width)):
+      if size is not None and size <= 0:
+        raise ValueError(f"{flag} must be a positive number of pixels, got {size}")
+    if self.dtype is not None and self.dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"unknown --dtype {self.dtype!r}; allowed: {', '.join(COMPUTE_DTYPES)}")
     if self.prompts_file:
       if not os.path.isfile(self.prompts_file):
         raise ValueError(f"--prompts_file {self.prompts_file!r} does not exist")
@@ -57,7 +74,7 @@ class SampleRequest:
       raise ValueError("--num and --batch_size must be positive")
     if self.guidance_interval is not None:
       self.guidance_interval = parse_guidance_interval(self.guidance_interval)
-    if self.strength is not None and not 0.0 <= self.strength <= 1.0:
+    if self.strength is not None and not 0.0 <= self.strength <= 1.0:  # also refuses nan
       raise ValueError(f"--strength must be in [0, 1], got {self.strength}")
     if (self.strength is not None or self.mask) and not self.init_image:
       raise ValueError("--strength and --mask need --init_image")
@@ -93,9 +110,13 @@ def run(request: SampleRequest) -> list[str]:
   from tqdm import tqdm
 
 
-  pipeline = load_pipeline(request.checkpoint, use_ema=request.use_ema, compute_dtype=request.dtype)
+  try:
+    pipeline = load_pipeline(request.checkpoint, use_ema=request.use_ema, compute_dtype=request.dtype)
+  except (OSError, ValueError, KeyError) as e:  # missing, unreadable or mismatched files
+    raise ValueError(f"cannot load --checkpoint {request.checkpoint!r}: {e}") from e
   model = pipeline.model
-  height, width = request.height or pipeline.image_size, request.width or pipeline.image_size
+  height = request.height if request.height is not None else pipeline.image_size
+  width = request.width if request.width is not None else pipeline.image_size
   f = model.downsample_factor
   if height % f or width % f:
     raise SystemExit(f"error: --height/--width {height}x{width} must be multiples of the latent factor {f}")

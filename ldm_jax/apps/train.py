@@ -6,13 +6,15 @@ the first stage, a frozen text encoder and the FID network for stage 2) and
 hands it over.
 """
 
+import jax
 import ml_collections
 
-from ldm_jax.assembly import build_model, step_config
+from ldm_jax.assembly import build_model
 from ldm_jax.interop.feature_nets import make_feature_net
 from ldm_jax.interop.load import first_stage_for, frozen_cond_variables
 from ldm_jax.interop.lpips import load_lpips_params
 from ldm_jax.training import train_autoencoder, train_ldm
+from ldm_jax.training.config_check import check_training_config
 
 STAGES = ("autoencoder", "ldm")
 
@@ -26,7 +28,13 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   raise ValueError(f"config.stage must be one of {STAGES}, got {config.stage!r}")
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+  """Fails with one line naming the key when a setting cannot work (``ConfigError``)."""
+  check_training_config(config, jax.device_count(), jax.process_count())
+
+
 def train_first_stage(config: ml_collections.ConfigDict, workdir: str) -> train_autoencoder.AutoencoderTrainResult:
+  check(config)
   lpips = None
   if train_autoencoder.needs_lpips(config.loss):  # a missing file fails here, before anything compiles
     lpips = load_lpips_params(config.loss.lpips_weights or None)
@@ -34,7 +42,7 @@ def train_first_stage(config: ml_collections.ConfigDict, workdir: str) -> train_
 
 
 def train_latent_diffusion(config: ml_collections.ConfigDict, workdir: str) -> train_ldm.TrainResult:
-  step_config(config)  # a bad diffusion setting fails here, before anything loads
+  check(config)
   first_stage = first_stage_for(config)
   model = build_model(config, first_stage.model_config, first_stage.scale_factor)
   feature_net = None

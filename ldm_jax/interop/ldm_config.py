@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ldm_jax.interop.naming import StateDictMismatchError
 from ldm_jax.models.unet import UNetModel
 
 UNET_PREFIX = "model.diffusion_model."
@@ -140,7 +141,26 @@ def _component(sd: Mapping[str, Any], prefix: str, marker: str, what: str):
   keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
   if marker not in keys:
     raise ValueError(f"no {what} in this checkpoint (no {prefix}{marker})")
-  return (lambda k: tuple(np.shape(sd[prefix + k]))), keys
+
+  def shape(k: str) -> tuple[int, ...]:
+    if prefix + k not in sd:
+      raise StateDictMismatchError(missing=[prefix + k], what=f"checkpoint's {what}")
+    return tuple(np.shape(sd[prefix + k]))
+
+  return shape, keys
+
+
+def _read_architecture(read, sd: Mapping[str, Any], what: str, prefix: str):
+  """``read(sd)``, with a checkpoint whose keys stop short of a whole network named as such."""
+  try:
+    return read(sd)
+  except KeyError as e:
+    raise StateDictMismatchError(missing=[str(e.args[0])], what=f"checkpoint's {what}") from e
+  except (IndexError, StopIteration) as e:
+    found = sum(k.startswith(prefix) for k in sd)
+    raise StateDictMismatchError(
+        missing=[f"{prefix}...: the {found} keys under {prefix} do not make a whole {what} (incomplete file?)"],
+        what=f"checkpoint's {what}") from e
 
 
 def unet_fields_from_state_dict(sd: Mapping[str, Any], prefix: str = UNET_PREFIX) -> dict[str, Any]:
@@ -200,7 +220,7 @@ def vae_section_from_state_dict(sd: Mapping[str, Any], prefix: str = VAE_PREFIX)
 def clip_section_from_state_dict(sd: Mapping[str, Any], prefix: str = COND_PREFIX) -> dict[str, Any]:
   """``cond_stage`` section of an SD checkpoint's CLIP text encoder (transformers or OpenCLIP names)."""
   keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
-  get = lambda k: tuple(np.shape(sd[prefix + k]))  # noqa: E731
+  get = lambda k: tuple(np.shape(sd[prefix + k]))  # a missing key: _read_architecture names it
   if "model.token_embedding.weight" in keys:  # OpenCLIP (SD 2.x): penultimate layer, GELU
     vocab, width = get("model.token_embedding.weight")
     return dict(
@@ -225,9 +245,9 @@ def clip_section_from_state_dict(sd: Mapping[str, Any], prefix: str = COND_PREFI
 
 def sd_sections_from_state_dict(sd: Mapping[str, Any]) -> dict[str, Any]:
   """What :func:`sections_from_ldm_config` gives, for a Stable Diffusion checkpoint without its YAML."""
-  unet = unet_fields_from_state_dict(sd)
-  first_stage = vae_section_from_state_dict(sd)
-  cond = clip_section_from_state_dict(sd)
+  unet = _read_architecture(unet_fields_from_state_dict, sd, "UNet", UNET_PREFIX)
+  first_stage = _read_architecture(vae_section_from_state_dict, sd, "autoencoder", VAE_PREFIX)
+  cond = _read_architecture(clip_section_from_state_dict, sd, "text encoder", COND_PREFIX)
   factor = 2 ** (len(first_stage["ddconfig"]["ch_mult"]) - 1)
   inpaint = unet["in_channels"] == 2 * first_stage["embed_dim"] + 1
   return dict(

@@ -8,6 +8,7 @@ re-exported here), so that loading needs neither torch nor pickle.
 
 import glob
 import os
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,12 +79,24 @@ def _read_safetensors(file: str, prefer_prefix: str) -> dict[str, np.ndarray]:
     return {k: _widen(f.get_tensor(k)) for k in keys}
 
 
+class UnsafeCheckpointError(ValueError):
+  """A torch file that cannot be read without executing code it contains."""
+
+
 def _read_torch(file: str) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError as e:
     raise ImportError(f"Reading {file} needs PyTorch (pip install torch), or convert it to .safetensors first") from e
-  state = torch.load(file, map_location="cpu", weights_only=True)
+  try:
+    state = torch.load(file, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    # torch's own message suggests weights_only=False, which would run whatever code the file holds.
+    raise UnsafeCheckpointError(
+        f"{file} was refused: besides tensors it pickles Python objects that loading would have to execute "
+        f"({str(e).splitlines()[-1].strip() or 'unsupported global'}). If you trust its source, convert it once "
+        "in a sandbox: torch.load(path, weights_only=False), then safetensors.torch.save_file(state_dict, "
+        "'model.safetensors'), and load the .safetensors file") from None
   if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
     state = state["state_dict"]
   return _arrays({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})

@@ -20,6 +20,7 @@ from ldm_jax.data.image_io import to_uint8
 from ldm_jax.diffusion.config import SamplerConfig
 from ldm_jax.interop.load import load_pipeline
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = 32  # the tiny config's image size; latents are SIZE / 4
 PROMPTS = ["a large red circle", "a small blue square"]
 STEPS = 2
@@ -176,7 +177,7 @@ def test_bad_inputs_name_the_problem(run_dir, init_image, tmp_path):
 
   ok = dict(checkpoint=run_dir, prompts=PROMPTS[:1], steps=STEPS, output=str(tmp_path / "out"))
   missing = str(tmp_path / "no_such_run")
-  with pytest.raises(FileNotFoundError, match=f"checkpoint '{missing}' does not exist"):
+  with pytest.raises(ValueError, match=f"--checkpoint '{missing}' does not exist"):
     _sample(**{**ok, "checkpoint": missing})
   # A stage-1 run directory (the run's own first stage, saved as stage 1 saves it).
   _, variables, scale, fs_config = load_first_stage_copy(os.path.join(run_dir, "first_stage"))
@@ -202,6 +203,46 @@ def test_bad_inputs_name_the_problem(run_dir, init_image, tmp_path):
   with pytest.raises(ValueError, match="--guidance_interval needs 0 <= LOW <= HIGH, got 700,300"):
     _sample(**{**ok, "guidance_interval": ["700", "300"]})
   assert not os.path.exists(ok["output"])  # every failure came before any image was written
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("guidance", float("nan"), r"--guidance must be a finite number >= 0 \(1: off\), got nan"),
+    ("guidance", float("inf"), r"--guidance must be a finite number >= 0 \(1: off\), got inf"),
+    ("guidance", -2.0, r"--guidance must be a finite number >= 0 \(1: off\), got -2.0"),
+    ("eta", float("nan"), r"--eta must be in \[0, 1\].*got nan"),
+    ("eta", -1.0, r"--eta must be in \[0, 1\].*got -1.0"),
+    ("height", -8, "--height must be a positive number of pixels, got -8"),
+    ("width", 0, "--width must be a positive number of pixels, got 0"),
+    ("dtype", "float8_bogus", "unknown --dtype 'float8_bogus'; allowed: float32, bfloat16, float16"),
+    ("strength", float("nan"), r"--strength must be in \[0, 1\], got nan"),
+])
+def test_bad_values_are_refused_before_loading(tmp_path, field, value, message):
+  # The checkpoint folder exists but holds nothing: validation must not need it.
+  request = SampleRequest(checkpoint=str(tmp_path), prompts=["a"], init_image=None, output=str(tmp_path / "out"))
+  setattr(request, field, value)
+  if field == "strength":
+    request.init_image = str(tmp_path / "missing.png")  # the strength check comes first
+  with pytest.raises(ValueError, match=message):
+    request.validate()
+
+
+def test_an_output_path_that_is_a_file_is_refused(tmp_path):
+  (tmp_path / "taken").write_text("")
+  with pytest.raises(ValueError, match="--output '.*taken' is a file, not a directory"):
+    SampleRequest(checkpoint=str(tmp_path), prompts=["a"], output=str(tmp_path / "taken")).validate()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--guidance", "nan"], "error: --guidance must be a finite number >= 0 (1: off), got nan"),
+    (["--checkpoint", "/no/such/run"], "error: --checkpoint '/no/such/run' does not exist"),
+])
+def test_sample_py_answers_bad_input_in_one_line(tmp_path, flags, message):
+  args = ["--checkpoint", str(tmp_path), "--prompt", "a", "--output", str(tmp_path / "out")] + flags
+  out = subprocess.run([sys.executable, "sample.py", *args], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1] == message, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
 
 
 def test_weights_on_one_device_sample_over_the_whole_mesh(pipeline):
