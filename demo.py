@@ -7,10 +7,15 @@ Trains the autoencoder, then a text-conditional LDM, samples prompts whose
 colour-shape pairs were withheld from training, and judges them; the
 figures go to RUN/demo_results.json. Rerunning resumes every phase; rerun
 with more steps (``--ae`` / ``--ldm KEY=VALUE``, any key of the stage's
-config) and that stage continues from its last checkpoint.
+config) and that stage continues from its last checkpoint. Exit status: 0
+when done, 143 (PREEMPTED_EXIT_CODE) when SIGTERM stopped it, 1 on an error.
 """
 
+import sys
+
 from absl import app, flags
+
+from ldm_jax.training.preemption import PREEMPTED_EXIT_CODE, exit_on_sigterm
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run folder (both stages, samples, results).")
 _GUIDANCE = flags.DEFINE_float("guidance", 6.0, "Classifier-free guidance scale of the judged samples.")
@@ -22,8 +27,8 @@ _LDM = flags.DEFINE_multi_string("ldm", [], "KEY=VALUE override of the stage-2 c
 
 def main(argv):
   del argv
-  from ldm_jax.demo import DemoPreempted, DemoSettings, demo_configs, parse_override, run_demo
-  from ldm_jax.training.runtime import setup_runtime
+  from ldm_jax.apps.demo import DemoPreempted, DemoSettings, demo_configs, parse_override, run_demo
+  from ldm_jax.parallel.runtime import setup_runtime
 
   try:
     settings = DemoSettings(
@@ -38,8 +43,10 @@ def main(argv):
   try:
     run_demo(_WORKDIR.value, settings)
   except DemoPreempted as e:
-    raise SystemExit(f"demo stopped: {e}") from None
+    print(f"demo stopped: {e}", file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":
+  exit_on_sigterm()
   app.run(main)

@@ -4,6 +4,9 @@
   python train.py --config configs/ldm.py:shapes_txt2img --config.train.num_steps=2000 --workdir runs/ldm
 
 Rerunning the same command resumes from the newest checkpoint in --workdir.
+Exit status: 0 when training finished, 143 (PREEMPTED_EXIT_CODE) when SIGTERM
+stopped it (a checkpoint is saved if training had started; rerun to resume),
+1 on an error.
 """
 
 import sys
@@ -11,7 +14,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from ldm_jax.config import check_override_flags, write_config
+from ldm_jax.config import ConfigError, check_override_flags, write_config
+from ldm_jax.training.preemption import PREEMPTED_EXIT_CODE, exit_on_sigterm
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/FILE.py[:VARIANTS]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples).", required=True)
@@ -22,7 +26,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this proc
 
 def main(argv):
   del argv
-  from ldm_jax.training.runtime import setup_runtime
+  from ldm_jax.parallel.runtime import setup_runtime
 
   config = _CONFIG.value
   setup_runtime(
@@ -34,17 +38,21 @@ def main(argv):
   )
   import jax
 
+  from ldm_jax.apps.train import STAGES, check, train
+
+  if config.stage not in STAGES:
+    raise SystemExit(f"error: config.stage must be one of {STAGES}, got {config.stage!r}")
+  try:
+    check(config)  # every setting, before anything loads or compiles
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
   if jax.process_index() == 0:
     write_config(config, _WORKDIR.value)
-  if config.stage == "autoencoder":
-    from ldm_jax.training.train_autoencoder import train
-  elif config.stage == "ldm":
-    from ldm_jax.training.train_ldm import train
-  else:
-    raise SystemExit(f"error: config.stage must be 'autoencoder' or 'ldm', got {config.stage!r}")
-  train(config, _WORKDIR.value)
+  if train(config, _WORKDIR.value).preempted:
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":
+  exit_on_sigterm()  # a SIGTERM while loading and compiling exits cleanly too
   check_override_flags(sys.argv)
   app.run(main)

@@ -39,7 +39,8 @@ from ldm_jax.interop.load import load_first_stage, load_pipeline
 from ldm_jax.training.reconstruction import make_reconstruct_fn
 
 # The experiment configs live next to the package in the repository.
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# The repository's configs/ (ldm_jax/apps/demo.py -> ../../configs).
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 RESULTS_FILE = "demo_results.json"
 GRID_FILE = "heldout_samples.png"
 SIZE_NAMES = tuple(shapes.SIZES)

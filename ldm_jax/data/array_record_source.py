@@ -1,9 +1,10 @@
 """Our ArrayRecord format: one msgpack map per record.
 
 Each record holds the encoded image file's bytes as they were on disk (no
-re-encoding, so no quality loss), its caption and its relative path. Shards
-are written with ``group_size:1`` so any record can be read directly.
-A ``<prefix>.metadata.json`` beside the shards says what they hold.
+re-encoding, so no quality loss), its caption (nil when the image had no
+caption file) and its relative path. Shards are written with
+``group_size:1`` so any record can be read directly. A
+``<prefix>.metadata.json`` beside the shards says what they hold.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ _HOW_TO = (
 )
 
 
-def encode_record(image_bytes: bytes, caption: str, path: str) -> bytes:
+def encode_record(image_bytes: bytes, caption: str | None, path: str) -> bytes:
   return msgpack.packb({"image": image_bytes, "caption": caption, "path": path}, use_bin_type=True)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 SOURCES = ("shapes", "tfds", "array_record", "folder")
+MISSING_CAPTION_POLICIES = ("empty", "skip")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -44,6 +45,15 @@ def default_data_config() -> ml_collections.ConfigDict:
   # threads per process.
   config.num_workers = 0
   config.num_threads = 4
+  # Unreadable records (and uncaptioned ones under missing_caption="skip") are
+  # skipped and counted (data/skipped in metrics.jsonl), but when more than this
+  # fraction of the last 200 records read is skipped, the run stops with an error
+  # naming some of them. 1 disables the check.
+  config.max_skip_fraction = 0.5
+  # An image without a caption file (source "folder" or "array_record"):
+  # "empty" trains it with the empty caption (the null caption of guidance);
+  # "skip" leaves it out. Either way it is counted (data/missing_captions).
+  config.missing_caption = "empty"
 
   config.tokenizer = ml_collections.ConfigDict()
   # "" (no tokens), "clip", "bert", or "shapes" (word-level, built from the

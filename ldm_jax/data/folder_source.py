@@ -1,8 +1,9 @@
 """A folder of images (searched recursively), each with an optional caption.
 
 ``cat.jpg`` is captioned by ``cat.txt`` beside it; without one the caption
-is empty. Files are listed once, sorted by relative path, so indices (and
-hence shuffles) are the same on every host.
+is ``None`` (``data.missing_caption`` decides what training does with it).
+Files are listed once, sorted by relative path, so indices (and hence
+shuffles) are the same on every host.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from absl import logging
+
 from ldm_jax.data.images import IMAGE_EXTENSIONS
+
+_WARNED_NOT_UTF8: set[str] = set()  # warned once per file, not once per epoch
 
 _HOW_TO = "set config.data.path to a folder of .jpg/.jpeg/.png/.webp/.bmp images (searched recursively)"
 
@@ -30,17 +35,34 @@ def list_images(root: str | os.PathLike) -> list[str]:
   return sorted(found)
 
 
-def read_caption(image_path: str | os.PathLike) -> str:
-  """The text of the same-name ``.txt`` file, stripped; "" when there is none."""
+def find_caption(image_path: str | os.PathLike) -> str | None:
+  """The text of the same-name ``.txt`` file, stripped; None when there is none.
+
+  Bytes that are not UTF-8 become U+FFFD, with a warning naming the file.
+  """
   caption_path = Path(image_path).with_suffix(".txt")
   try:
-    return caption_path.read_text(encoding="utf-8", errors="replace").strip()
+    raw = caption_path.read_bytes()
   except FileNotFoundError:
-    return ""
+    return None
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as error:
+    if str(caption_path) not in _WARNED_NOT_UTF8:
+      _WARNED_NOT_UTF8.add(str(caption_path))
+      logging.warning("Caption %s is not valid UTF-8 (%s); its bad bytes are replaced by U+FFFD", caption_path, error)
+    text = raw.decode("utf-8", errors="replace")
+  return text.strip()
+
+
+def read_caption(image_path: str | os.PathLike) -> str:
+  """Like ``find_caption``, but "" when there is no caption file."""
+  caption = find_caption(image_path)
+  return "" if caption is None else caption
 
 
 class ImageFolderSource:
-  """Random-access source: ``{"image": bytes, "caption": str, "path": str}``."""
+  """Random-access source: ``{"image": bytes, "caption": str | None, "path": str}``."""
 
   def __init__(self, root: str | os.PathLike):
     self.root = str(Path(root).expanduser())
@@ -53,7 +75,7 @@ class ImageFolderSource:
     path = os.path.join(self.root, self.paths[index])
     with open(path, "rb") as f:
       image_bytes = f.read()
-    return {"image": image_bytes, "caption": read_caption(path), "path": self.paths[index]}
+    return {"image": image_bytes, "caption": find_caption(path), "path": self.paths[index]}
 
   def __repr__(self) -> str:
     return f"ImageFolderSource(root={self.root!r}, num_images={len(self)})"

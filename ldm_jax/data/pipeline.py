@@ -18,7 +18,7 @@ import ml_collections
 from absl import flags
 
 from ldm_jax.data.batching import InputIterator
-from ldm_jax.data.config import validate_image_size
+from ldm_jax.data.config import MISSING_CAPTION_POLICIES, validate_image_size
 from ldm_jax.data.preprocess import Preprocess
 from ldm_jax.data.sharding import ProcessSlice
 from ldm_jax.data.skipping import SafeRead
@@ -52,6 +52,13 @@ def make_iterator(
   validate_image_size(data_config.image_size)
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}.")
+  # .get: configs saved by runs older than these keys lack them.
+  missing_caption = data_config.get("missing_caption", "empty")
+  if missing_caption not in MISSING_CAPTION_POLICIES:
+    raise ValueError(f"data.missing_caption must be one of {MISSING_CAPTION_POLICIES}, got {missing_caption!r}.")
+  max_skip_fraction = data_config.get("max_skip_fraction", 0.5)
+  if not 0 <= max_skip_fraction <= 1:
+    raise ValueError(f"data.max_skip_fraction must be in [0, 1], got {max_skip_fraction!r}.")
   if process_index is None:
     process_index = jax.process_index()
   if process_count is None:
@@ -69,7 +76,7 @@ def make_iterator(
   if shuffle:
     dataset = dataset.shuffle(seed=seed)  # Reshuffles each epoch (seed + epoch).
   dataset = dataset.repeat(num_epochs)
-  dataset = dataset.random_map(Preprocess(geometry), seed=seed)
+  dataset = dataset.random_map(Preprocess(geometry, missing_caption), seed=seed)
   dataset = ProcessSlice(dataset, global_batch_size, process_index, process_count)
   elements = dataset.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads))
   if data_config.num_workers > 0:
@@ -87,4 +94,5 @@ def make_iterator(
       drop_remainder=drop_remainder,
       tokenizer=tokenizer,
       max_length=data_config.tokenizer.max_length,
+      max_skip_fraction=max_skip_fraction,
   )

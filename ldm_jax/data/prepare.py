@@ -3,9 +3,10 @@
   python -m ldm_jax.data.prepare --input DIR --output OUT_DIR [--num-shards N] [--split train]
 
 Images are searched recursively (.jpg .jpeg .png .webp .bmp); each one's
-caption is its same-name .txt file, or empty. The image files' bytes are
-stored unchanged, in sorted path order, with their captions and relative
-paths, as ``OUT_DIR/<split>.array_record-XXXXX-of-NNNNN`` plus
+caption is its same-name .txt file (nil without one: ``data.missing_caption``
+decides at training time). The image files' bytes are stored unchanged, in
+sorted path order, with their captions and relative paths, as
+``OUT_DIR/<split>.array_record-XXXXX-of-NNNNN`` plus
 ``OUT_DIR/<split>.metadata.json``. Unreadable images are kept here and
 skipped (and counted) by the input pipeline.
 """
@@ -18,7 +19,7 @@ import sys
 from typing import Sequence
 
 from ldm_jax.data.array_record_source import encode_record, write_metadata, write_shards
-from ldm_jax.data.folder_source import list_images, read_caption
+from ldm_jax.data.folder_source import find_caption, list_images
 
 
 def prepare_folder(
@@ -31,7 +32,7 @@ def prepare_folder(
     for relative in relative_paths:
       path = os.path.join(input_dir, relative)
       with open(path, "rb") as f:
-        yield encode_record(f.read(), read_caption(path), relative)
+        yield encode_record(f.read(), find_caption(path), relative)
 
   shards = write_shards(records(), len(relative_paths), output_dir, split, num_shards)
   metadata = {
@@ -40,7 +41,8 @@ def prepare_folder(
       "num_shards": len(shards),
       "shards": [os.path.basename(s) for s in shards],
       "input_dir": os.path.abspath(input_dir),
-      "fields": {"image": "encoded image file bytes", "caption": "str", "path": "str, relative to input_dir"},
+      "fields": {"image": "encoded image file bytes", "caption": "str, nil without a caption file",
+                 "path": "str, relative to input_dir"},
   }
   write_metadata(output_dir, split, metadata)
   return metadata

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from ldm_jax.data.images import decode_image
-from ldm_jax.data.skipping import ERROR_KEY, error_record
+from ldm_jax.data.skipping import ERROR_KEY, MISSING_CAPTION_KEY, error_record
 from ldm_jax.data.transforms import Geometry
 
 _INT_FIELDS = ("label", "num_objects", "box_labels")
@@ -20,20 +20,25 @@ _INT_FIELDS = ("label", "num_objects", "box_labels")
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-  """Decode the image, pick a caption, apply the geometry."""
+  """Decode the image, pick a caption (``missing_caption``: "empty" or "skip"), apply the geometry."""
 
   geometry: Geometry
+  missing_caption: str = "empty"
 
   def __call__(self, example: dict, rng: np.random.Generator) -> dict:
     if ERROR_KEY in example:
       return example
+    where = example.get("path", "an example")
+    if example.get("caption", "") is None and self.missing_caption == "skip":  # before decoding: cheaper
+      return {**error_record(f"{where}: no caption file (data.missing_caption='skip')"), MISSING_CAPTION_KEY: where}
     try:
       out = {"image": decode_image(example["image"])}
     except Exception as error:  # Unreadable image: skip, never crash.
-      where = example.get("path", "an example")
       return error_record(f"{where}: {error}")
     if "caption" in example:
       caption = example["caption"]
+      if caption is None:
+        caption, out[MISSING_CAPTION_KEY] = "", where
       # Datasets with several captions per image (COCO) get a random one.
       out["caption"] = caption[rng.integers(len(caption))] if isinstance(caption, list) else caption
     for key in _INT_FIELDS:

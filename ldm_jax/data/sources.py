@@ -15,6 +15,7 @@ from ldm_jax.data.config import SOURCES
 from ldm_jax.data.folder_source import ImageFolderSource
 from ldm_jax.data.tfds_source import open_shapes, open_tfds
 
+
 def open_source(data_config: ml_collections.ConfigDict, split: str):
   """The split of the configured dataset (``len()`` and ``[index]``)."""
   kind = data_config.source

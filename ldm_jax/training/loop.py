@@ -1,11 +1,12 @@
 """The training loop shared by both stages.
 
 What it owns: creating the state already sharded (or restoring it onto its
-shardings), the jitted step with donated state, metrics fetched from the
-device once per ``log_every`` steps (never per step), the non-finite loss
-check that runs before anything is saved, checkpoints with the data-iterator
-state, periodic hooks (sample grids, evaluation), and clean exit on
-preemption (SIGTERM) on every process at the same step.
+shardings, falling back past broken checkpoints), the jitted step with
+donated state, metrics fetched from the device once per ``log_every`` steps
+(never per step), the finiteness check (losses, gradient norm, and the
+updated state itself) that runs before anything is saved, checkpoints with
+the data-iterator state, periodic hooks (sample grids, evaluation), and
+clean exit on preemption (SIGTERM) on every process at the same step.
 """
 
 import dataclasses
@@ -19,17 +20,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from ldm_jax.parallel import partitioning
+from ldm_jax.parallel.distributed import compile_in_lockstep
+from ldm_jax.parallel.mesh import batch_sharding, replicated
 from ldm_jax.training import checkpoint as ckpt_lib
-from ldm_jax.training import partitioning
-from ldm_jax.training.distributed import compile_in_lockstep
-from ldm_jax.training.mesh import batch_sharding, replicated
 from ldm_jax.training.metrics_writer import MetricWriter
+
+# Metric added to every step's: 1 when the updated state (params, EMA,
+# optimiser moments) holds no NaN/Inf. Checked, never logged.
+STATE_FINITE = "state_finite"
 
 
 class NonFiniteLossError(FloatingPointError):
-  """A loss term became NaN or Inf; names the step and the term."""
+  """A loss term, the gradient norm or the train state became NaN or Inf; names the step."""
 
 
 @dataclasses.dataclass
@@ -107,7 +113,9 @@ def jit_step(step_fn: Callable, mesh: Mesh, state_shardings: Any, batch: dict, f
   """
 
   def folded_step(state, batch, base_rng, frozen):
-    return step_fn(state, batch, jax.random.fold_in(base_rng, state.step), frozen)
+    state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, state.step), frozen)
+    # The loss is computed before the update, so it cannot vouch for the state being saved.
+    return state, {**metrics, STATE_FINITE: ckpt_lib.all_finite(state)}
 
   batch_shardings = jax.tree.map(lambda a: batch_sharding(mesh, np.ndim(a)), batch)
   frozen_shardings = None if frozen is None else jax.tree.map(lambda a: a.sharding, frozen)
@@ -127,14 +135,31 @@ def _nanmean(values) -> float:
 
 
 def _check_finite(history: list[tuple[int, dict]], keys: Sequence[str], last_good: int | None, ckpt_dir: str):
+  where = f"step {last_good} in {ckpt_dir}" if last_good is not None else "none was written"
   for step, metrics in history:
-    for k in keys:
+    for k in (*keys, "grad_norm"):
       if k in metrics and not np.isfinite(metrics[k]):
-        where = f"step {last_good} in {ckpt_dir}" if last_good is not None else "none was written"
+        what = "the gradient norm" if k == "grad_norm" else f"loss term {k!r}"
         raise NonFiniteLossError(
-            f"loss term {k!r} is {metrics[k]} at step {step}; stopping. "
-            f"The last good checkpoint is kept untouched ({where})."
+            f"{what} is {metrics[k]} at step {step}; stopping. The last good checkpoint is kept untouched ({where})."
         )
+    if not metrics.get(STATE_FINITE, True):
+      raise NonFiniteLossError(
+          f"the train state holds NaN or Inf after the update of step {step} (its loss was finite: is the "
+          f"learning rate too high?); stopping. The last good checkpoint is kept untouched ({where})."
+      )
+
+
+def _data_counters(data_iterator: Any) -> dict[str, float]:
+  """Cumulative counts of the input pipeline (``data/skipped``, ...), summed over processes."""
+  counters = getattr(data_iterator, "counters", None)
+  if counters is None:  # e.g. a latent cache's plain grain iterator
+    return {}
+  counts = counters()
+  if jax.process_count() > 1:  # every process flushes at the same steps
+    totals = multihost_utils.process_allgather(np.asarray(list(counts.values()), np.int64)).sum(axis=0)
+    counts = dict(zip(counts, totals.tolist()))
+  return counts
 
 
 def train_loop(
@@ -174,17 +199,19 @@ def train_loop(
   init_rng, step_rng = jax.random.split(rng)
   abstract, shardings = create_sharded_state(init_fn, init_rng, mesh, cfg)
 
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, _ = checkpointer.restore(
-        latest, ckpt_lib.abstract_with_shardings(abstract, shardings), data_iterator=data_iterator
-    )
+  restored = checkpointer.restore_newest(
+      ckpt_lib.abstract_with_shardings(abstract, shardings), data_iterator=data_iterator
+  )
+  latest = None
+  if restored is not None:
+    latest, state = restored
     logging.info("resumed from step %d", latest)
   else:
     init = jax.jit(init_fn, out_shardings=shardings)
     compile_in_lockstep(init, init_rng, name="init")
     state = init(init_rng)
   start = int(jax.device_get(state.step))
+  writer.resume_at(start)  # steps after it were logged by a run that died before its next checkpoint
 
   if frozen is not None:
     frozen = jax.device_put(frozen, partitioning.state_shardings(
@@ -210,8 +237,9 @@ def train_loop(
     pending = []
     _check_finite(history, cfg.loss_keys, last_good, checkpointer.directory)
     elapsed = time.perf_counter() - t_last
-    mean = {k: _nanmean([m[k] for _, m in history]) for k in history[-1][1]}
+    mean = {k: _nanmean([m[k] for _, m in history]) for k in history[-1][1] if k != STATE_FINITE}
     mean["images_per_sec"] = steps_since * cfg.global_batch_size / max(elapsed, 1e-9)
+    mean.update(_data_counters(data_iterator))
     last_metrics = mean
     writer.scalars(step, mean, echo=bar is None)
     if bar is not None:
@@ -248,6 +276,7 @@ def train_loop(
           out = hook.fn(step, state)
           if out:
             writer.scalars(step, out)
+      checkpointer.check()  # a failed background save stops the run now, not one save later
       if watch.should_stop(step) and step < cfg.num_steps:
         save(step, force=True)
         preempted = True

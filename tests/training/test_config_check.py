@@ -1,5 +1,9 @@
 """Bad training settings fail at once with one line naming the key (issue: reliability)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from ldm_jax.config import ConfigError, load_config
@@ -49,3 +53,15 @@ def test_missing_paths_are_named(tmp_path):
 @pytest.mark.parametrize("spec", [LDM, AE, "configs/ldm.py:shapes_class,tiny", "configs/autoencoder.py:demo,tiny"])
 def test_the_shipped_configs_pass(spec):
   check_training_config(load_config(spec), num_devices=8)
+
+
+def test_train_py_answers_in_one_line_before_loading_anything(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = subprocess.run(
+      [sys.executable, "train.py", "--config", LDM, "--config.train.checkpoint_every=0",
+       "--workdir", str(tmp_path / "run")],
+      capture_output=True, text=True, timeout=300, cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1] == (
+      "error: config.train.checkpoint_every=0 is invalid: expected an integer >= 1"), out.stderr[-2000:]
+  assert "Traceback" not in out.stderr and not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -11,8 +11,10 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.parallel import partitioning
 from ldm_jax.training import checkpoint as ckpt_lib
-from ldm_jax.training import loop, mesh as mesh_lib, partitioning
+from ldm_jax.training import loop
 from ldm_jax.training.state import TrainState
 
 D_IN, D_OUT, N = 16, 8, 64
@@ -53,7 +55,8 @@ def _run(workdir, num_steps, mesh, nan_at=None, hooks=(), checkpoint_every=4, in
   it = _data_iterator()
   sharding = mesh_lib.batch_sharding(mesh, 2)
   batches = ({"x": jax.device_put(b["x"], sharding)} for b in it)
-  cfg = loop.LoopConfig(num_steps=num_steps, log_every=2, checkpoint_every=checkpoint_every, global_batch_size=8, progress_bar=False)
+  cfg = loop.LoopConfig(num_steps=num_steps, log_every=2, checkpoint_every=checkpoint_every, global_batch_size=8,
+                        progress_bar=False)
   return loop.train_loop(
       workdir=workdir, mesh=mesh, cfg=cfg, init_fn=init_fn, step_fn=_make_step(nan_at),
       batches=batches, data_iterator=it, rng=jax.random.key(0), hooks=hooks, meta={"note": "toy"},
