@@ -19,14 +19,15 @@ Variant words (comma-separated):
 
 The perceptual loss (LPIPS, ``perceptual_weight=1`` as the reference) needs
 converted weights: ``--config.loss.lpips_weights=FILE`` (see
-``python -m ldm_jax.models.lpips``), or ``--config.loss.perceptual_weight=0``.
+``python -m ldm_jax.interop.lpips``), or ``--config.loss.perceptual_weight=0``.
 """
+
 
 import ml_collections
 
 from ldm_jax.config import ConfigError, parse_variants
 from ldm_jax.data.config import default_data_config
-from ldm_jax.training.mesh import default_mesh_config
+from ldm_jax.parallel.mesh import default_mesh_config
 from ldm_jax.training.optim import default_optim_config
 
 # Loss settings of the reference lossconfigs (LPIPSWithDiscriminator /
@@ -35,33 +36,102 @@ _KL_LOSS = dict(disc_start=50001, kl_weight=1e-6, disc_weight=0.5)
 _VQ_F4_LOSS = dict(disc_start=0, disc_weight=0.75, codebook_weight=1.0)
 _VQ_F16_LOSS = dict(disc_start=250001, disc_weight=0.75, disc_num_layers=2, codebook_weight=1.0)
 
-# name: (kind, embed_dim, n_embed, ch_mult, attn_resolutions, mid attention, loss)
+# The model zoo: what differs between the reference autoencoders. Unset:
+# n_embed=0 (KL models have no codebook), attn_resolutions=() and mid-block
+# attention on; _model() adds what they share (ch 128, 2 res blocks, 256 px).
 ZOO = {
-    "kl_f4": ("kl", 3, 0, (1, 2, 4), (), True, _KL_LOSS),
-    "kl_f8": ("kl", 4, 0, (1, 2, 4, 4), (), True, _KL_LOSS),
-    "kl_f16": ("kl", 16, 0, (1, 1, 2, 2, 4), (16,), True, _KL_LOSS),
-    "kl_f32": ("kl", 64, 0, (1, 1, 2, 2, 4, 4), (16, 8), True, _KL_LOSS),
-    "vq_f4": ("vq", 3, 8192, (1, 2, 4), (), True, _VQ_F4_LOSS),
-    "vq_f4_noattn": ("vq", 3, 8192, (1, 2, 4), (), False, _VQ_F4_LOSS),
-    "vq_f8": ("vq", 4, 16384, (1, 2, 2, 4), (32,), True,
-              dict(disc_start=1, disc_weight=0.6, disc_num_layers=2, codebook_weight=1.0)),
-    "vq_f8_n256": ("vq", 4, 256, (1, 2, 2, 4), (32,), True, dict(disc_start=250001, disc_weight=0.75, codebook_weight=1.0)),
-    "vq_f16": ("vq", 8, 16384, (1, 1, 2, 2, 4), (16,), True, _VQ_F16_LOSS),
+    "kl_f4": dict(kind="kl", embed_dim=3, ch_mult=(1, 2, 4), loss=_KL_LOSS),
+    "kl_f8": dict(kind="kl", embed_dim=4, ch_mult=(1, 2, 4, 4), loss=_KL_LOSS),
+    "kl_f16": dict(kind="kl", embed_dim=16, ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,),
+                   loss=_KL_LOSS),
+    "kl_f32": dict(kind="kl", embed_dim=64, ch_mult=(1, 1, 2, 2, 4, 4), attn_resolutions=(16, 8),
+                   loss=_KL_LOSS),
+    "vq_f4": dict(kind="vq", embed_dim=3, n_embed=8192, ch_mult=(1, 2, 4), loss=_VQ_F4_LOSS),
+    "vq_f4_noattn": dict(kind="vq", embed_dim=3, n_embed=8192, ch_mult=(1, 2, 4), mid_attn=False,
+                         loss=_VQ_F4_LOSS),
+    "vq_f8": dict(kind="vq", embed_dim=4, n_embed=16384, ch_mult=(1, 2, 2, 4),
+                  attn_resolutions=(32,),
+                  loss=dict(disc_start=1, disc_weight=0.6, disc_num_layers=2, codebook_weight=1.0)),
+    "vq_f8_n256": dict(kind="vq", embed_dim=4, n_embed=256, ch_mult=(1, 2, 2, 4),
+                       attn_resolutions=(32,),
+                       loss=dict(disc_start=250001, disc_weight=0.75, codebook_weight=1.0)),
+    "vq_f16": dict(kind="vq", embed_dim=8, n_embed=16384, ch_mult=(1, 1, 2, 2, 4),
+                   attn_resolutions=(16,), loss=_VQ_F16_LOSS),
 }
-DATA_WORDS = ("shapes", "folder")
-OTHER_WORDS = ("tiny", "demo", "demo_vq")
-KNOWN = (*ZOO, *DATA_WORDS, *OTHER_WORDS)
+
+# Dataset words: overrides of the data section. ``tfds:NAME`` words are
+# handled apart, their name being free.
+DATA_WORDS = {
+    "shapes": dict(),  # the default source
+    # --config.data.path=DIR ("{split}" is replaced by the split name).
+    "folder": dict(source="folder"),
+}
+
+# Demo models: small f=4 autoencoders on 64 px shapes, tuned for a 2-core CPU
+# (README). Each is a zoo model, then _DEMO's overrides, then its own.
+_DEMO = dict(
+    model=dict(ddconfig=dict(
+        # ch 16: ch 32 took 3x as long per step (0.75 vs 0.25 s at widths (1, 2, 4)
+        # on a 2-core CPU).
+        ch=16, num_res_blocks=1, norm_num_groups=8, resolution=64, attn_type="none",
+        # Widths 16, 16, 32 instead of kl_f4's multipliers (1, 2, 4): 40% of the
+        # FLOPs and no worse. Validation PSNR after 2000 steps on one device, seeds
+        # 0 / 1 / 2: (1, 2, 4) 28.41 / 28.58 / 28.46 dB, (1, 2, 2) 28.50 / 28.26 dB
+        # (seeds 0 / 1), (1, 1, 2) 28.63 / 28.26 / 28.73 dB.
+        ch_mult=(1, 1, 2),
+    )),
+    data=dict(image_size=64),
+    # No LPIPS weights on a fresh machine; the GAN would only cost time here.
+    # Squared error and a KL weight of 1e-4 (the reference: L1, 1e-6) learn
+    # the shapes' colours and outlines faster; measured (seed 0, 2-core CPU):
+    # L1 / 1e-6, 1500 steps: 25.1 dB; L2 / 1e-6: 24.2 dB; L2 / 1e-4: 27.3 dB;
+    # L2 / 1e-4, 2000 steps: 28.6 dB. What matters for stage 2: the shapes
+    # judge names the shape of 66.7% of renders after the L1 one's round trip,
+    # 79.6% after L2 / 1e-4 at 1500 steps, 85.0% at 2000. (L2 / 1e-6 at 2500
+    # steps, 27.3 dB, gave a first stage stage 2 could not use: its posterior
+    # noise is tiny and the LDM's samples decoded to texture.)
+    loss=dict(perceptual_weight=0.0, disc_factor=0.0, pixel_loss="l2"),
+    # Measured: luminance is learnt in ~300 steps, the shapes' colours only
+    # after ~700 (they cover few pixels); learning rates from 1e-3 to 5e-3,
+    # Adam betas and full 64 px images instead of crops did not change that.
+    optim=dict(learning_rate=2e-3, scale_lr_by_batch=False, schedule="cosine", warmup_steps=20),
+    # Two CPU devices, one half-batch per core: 1.5x the images/s of one device (81 vs 54).
+    mesh=dict(cpu_devices=2),
+    train=dict(
+        batch_size=16, crop_size=32, num_steps=2000, log_every=50, checkpoint_every=500,
+        eval_every=500, num_eval_images=64, eval_batch_size=16,
+    ),
+)
+# name: (zoo model, overrides after _DEMO's)
+DEMOS = {
+    "demo": ("kl_f4", dict(loss=dict(
+        kl_weight=1e-4,
+        # The reference's init starts the posterior at std 1 while the young
+        # encoder's means spread by ~0.2: the decoder learns from whichever latent
+        # channel pulls ahead and the others stay noisy (seed 1, 2000 steps:
+        # posterior SNR 1.4e6 on one channel, 288 and 851 on the others). Starting
+        # at std 0.05 keeps all three in use. Seeds 0 / 1 / 2 on one device:
+        # 28.58 / 26.69 / 27.40 dB before, 28.41 / 28.58 / 28.46 dB with it.
+        posterior_logvar_init=-6.0,
+    ))),
+    "demo_vq": ("vq_f4", dict(model=dict(n_embed=512))),
+}
+OTHER_WORDS = ("tiny",)
+KNOWN = (*ZOO, *DATA_WORDS, *OTHER_WORDS, *DEMOS)
+DEFAULT_MODEL = "kl_f8"
 
 
 def _model(name: str) -> ml_collections.ConfigDict:
-  kind, embed_dim, n_embed, ch_mult, attn, mid_attn, _ = ZOO[name]
+  zoo = ZOO[name]
+  kind, embed_dim = zoo["kind"], zoo["embed_dim"]
   ddconfig = dict(
       double_z=kind == "kl", z_channels=embed_dim, resolution=256, in_channels=3, out_ch=3, ch=128,
-      ch_mult=ch_mult, num_res_blocks=2, attn_resolutions=attn, dropout=0.0,
-      attn_type="vanilla" if mid_attn else "none", norm_num_groups=32,
+      ch_mult=zoo["ch_mult"], num_res_blocks=2, attn_resolutions=zoo.get("attn_resolutions", ()),
+      dropout=0.0, attn_type="vanilla" if zoo.get("mid_attn", True) else "none", norm_num_groups=32,
   )
   # n_embed is ignored by KL models; kept so that every variant has the same keys.
-  return ml_collections.ConfigDict(dict(kind=kind, embed_dim=embed_dim, n_embed=n_embed, ddconfig=ddconfig))
+  return ml_collections.ConfigDict(dict(
+      kind=kind, embed_dim=embed_dim, n_embed=zoo.get("n_embed", 0), ddconfig=ddconfig))
 
 
 def _loss(name: str) -> ml_collections.ConfigDict:
@@ -70,13 +140,15 @@ def _loss(name: str) -> ml_collections.ConfigDict:
       disc_start=0, logvar_init=0.0, kl_weight=1.0, codebook_weight=1.0, perceptual_weight=1.0,
       disc_factor=1.0, disc_weight=1.0, disc_loss="hinge",
       pixel_loss="l1",  # not a reference key: "l2" trades the reference's L1 for squared error
-      posterior_logvar_init=0.0,  # not a reference key: initial posterior log-variance (KL; 0: the reference)
+      # Not a reference key: initial posterior log-variance (KL; 0: the reference).
+      posterior_logvar_init=0.0,
       # NLayerDiscriminator.
       disc_num_layers=3, disc_in_channels=3, disc_ndf=64, use_actnorm=False,
-      lpips_weights="",  # converted LPIPS params (.npz/.safetensors); needed when perceptual_weight > 0
+      # Converted LPIPS params (.npz/.safetensors); needed when perceptual_weight > 0.
+      lpips_weights="",
       train_logvar=False,  # the reference's AutoencoderKL optimiser leaves logvar out
   )
-  loss.update(ZOO[name][-1])
+  loss.update(ZOO[name]["loss"])
   return ml_collections.ConfigDict(loss)
 
 
@@ -108,12 +180,13 @@ def _train() -> ml_collections.ConfigDict:
 def _data(words: list[str], tfds_names: list[str]) -> ml_collections.ConfigDict:
   data = default_data_config()
   data.image_size = 256
-  if len([w for w in words if w in DATA_WORDS]) + len(tfds_names) > 1:
-    raise ConfigError(f"choose one dataset word, got {[w for w in words if w in DATA_WORDS] + tfds_names}")
-  if "folder" in words:
-    data.source = "folder"  # --config.data.path=DIR ("{split}" is replaced by the split name)
-  elif tfds_names:
+  chosen = [w for w in words if w in DATA_WORDS] + tfds_names
+  if len(chosen) > 1:
+    raise ConfigError(f"choose one dataset word, got {chosen}")
+  if tfds_names:
     data.source, data.name = "tfds", tfds_names[0].split(":", 1)[1]
+  elif chosen:
+    data.update(DATA_WORDS[chosen[0]])
   return data
 
 
@@ -136,52 +209,6 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
   ))
 
 
-def _demo(config: ml_collections.ConfigDict, kind: str) -> None:
-  """Small f=4 autoencoder, 64 px shapes, tuned for a 2-core CPU (README)."""
-  name = "vq_f4" if kind == "vq" else "kl_f4"
-  config.model, config.loss = _model(name), _loss(name)
-  dd = config.model.ddconfig
-  # ch 16: ch 32 took 3x as long per step (0.75 vs 0.25 s at widths (1, 2, 4) on a 2-core CPU).
-  dd.ch, dd.num_res_blocks, dd.norm_num_groups, dd.resolution, dd.attn_type = 16, 1, 8, 64, "none"
-  # Widths 16, 16, 32 instead of kl_f4's multipliers (1, 2, 4): 40% of the
-  # FLOPs and no worse. Validation PSNR after 2000 steps on one device, seeds
-  # 0 / 1 / 2: (1, 2, 4) 28.41 / 28.58 / 28.46 dB, (1, 2, 2) 28.50 / 28.26 dB
-  # (seeds 0 / 1), (1, 1, 2) 28.63 / 28.26 / 28.73 dB.
-  dd.ch_mult = (1, 1, 2)
-  if kind == "vq":
-    config.model.n_embed = 512
-  config.data.image_size = 64
-  # No LPIPS weights on a fresh machine; the GAN would only cost time here.
-  # Squared error and a KL weight of 1e-4 (the reference: L1, 1e-6) learn
-  # the shapes' colours and outlines faster; measured (seed 0, 2-core CPU):
-  # L1 / 1e-6, 1500 steps: 25.1 dB; L2 / 1e-6: 24.2 dB; L2 / 1e-4: 27.3 dB;
-  # L2 / 1e-4, 2000 steps: 28.6 dB. What matters for stage 2: the shapes
-  # judge names the shape of 66.7% of renders after the L1 one's round trip,
-  # 79.6% after L2 / 1e-4 at 1500 steps, 85.0% at 2000. (L2 / 1e-6 at 2500
-  # steps, 27.3 dB, gave a first stage stage 2 could not use: its posterior
-  # noise is tiny and the LDM's samples decoded to texture.)
-  config.loss.update(dict(perceptual_weight=0.0, disc_factor=0.0, pixel_loss="l2"))
-  if kind == "kl":
-    config.loss.kl_weight = 1e-4
-    # The reference's init starts the posterior at std 1 while the young
-    # encoder's means spread by ~0.2: the decoder learns from whichever latent
-    # channel pulls ahead and the others stay noisy (seed 1, 2000 steps:
-    # posterior SNR 1.4e6 on one channel, 288 and 851 on the others). Starting
-    # at std 0.05 keeps all three in use. Seeds 0 / 1 / 2 on one device:
-    # 28.58 / 26.69 / 27.40 dB before, 28.41 / 28.58 / 28.46 dB with it.
-    config.loss.posterior_logvar_init = -6.0
-  # Measured: luminance is learnt in ~300 steps, the shapes' colours only
-  # after ~700 (they cover few pixels); learning rates from 1e-3 to 5e-3,
-  # Adam betas and full 64 px images instead of crops did not change that.
-  config.optim.update(dict(learning_rate=2e-3, scale_lr_by_batch=False, schedule="cosine", warmup_steps=20))
-  # Two CPU devices, one half-batch per core: 1.5x the images/s of one device (81 vs 54).
-  config.mesh.cpu_devices = 2
-  config.train.update(dict(
-      batch_size=16, crop_size=32, num_steps=2000, log_every=50, checkpoint_every=500, eval_every=500,
-      num_eval_images=64, eval_batch_size=16,
-  ))
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   words = [w for w in (arg or "").split(",") if w]
   tfds_names = [w for w in words if w.startswith("tfds:")]
@@ -189,9 +216,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   models = [w for w in words if w in ZOO]
   if len(models) > 1:
     raise ConfigError(f"choose one model variant, got {models}")
-  demos = [w for w in words if w.startswith("demo")]
+  demos = [w for w in words if w in DEMOS]
   if demos and (models or len(demos) > 1):
-    raise ConfigError(f"'demo' and 'demo_vq' are complete models; do not combine them with {models + demos[1:]}")
+    raise ConfigError(
+        f"'demo' and 'demo_vq' are complete models; do not combine them with {models + demos[1:]}")
+  model = DEMOS[demos[0]][0] if demos else (models[0] if models else DEFAULT_MODEL)
 
   config = ml_collections.ConfigDict()
   config.stage = "autoencoder"
@@ -201,14 +230,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the tiny test model). "threefry2x32" restores JAX's default.
   config.prng_impl = "rbg"
   config.compilation_cache_dir = "~/.cache/ldm_jax/xla"  # "" disables the persistent cache
-  config.model = _model(models[0] if models else "kl_f8")
-  config.loss = _loss(models[0] if models else "kl_f8")
+  config.model = _model(model)
+  config.loss = _loss(model)
   config.optim = _optim()
   config.train = _train()
   config.data = _data(words, tfds_names)
   config.mesh = default_mesh_config()
   if demos:
-    _demo(config, "vq" if demos[0] == "demo_vq" else "kl")
+    config.update(_DEMO)  # update() merges section by section, key by key
+    config.update(DEMOS[demos[0]][1])
   if "tiny" in words:
     _tiny(config)
   return config

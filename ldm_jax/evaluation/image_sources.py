@@ -6,6 +6,7 @@ labels, which become the conditions of generated samples. Single-process.
 """
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -77,25 +78,41 @@ def scan_split(batches: Iterable[dict[str, np.ndarray]], extract: Callable | Non
 
 def folder_batches(root: str, *, size: int, batch_size: int) -> Iterator[tuple[np.ndarray, list[str]]]:
   """``(uint8 images, captions)`` of every image under ``root`` (sorted), resized
-  (shorter side) and centre-cropped to ``size``; captions from same-name ``.txt`` files."""
+  (shorter side) and centre-cropped to ``size``; captions from same-name ``.txt`` files.
 
+  An unreadable image is skipped with a warning naming it; a folder in which
+  none can be read is an error naming the first few.
+  """
   paths = list_images(root)  # fails clearly on a missing or image-less folder
   geometry = Geometry(size, "center")
-  for start in range(0, len(paths), batch_size):
-    images, captions = [], []
-    for rel in paths[start: start + batch_size]:
-      path = os.path.join(root, rel)
+  readable, unreadable = 0, []
+  images, captions = [], []
+  for rel in paths:
+    path = os.path.join(root, rel)
+    try:
       with open(path, "rb") as f:
         image = decode_image(f.read())
-      images.append(geometry({"image": image}, np.random.default_rng(0))["image"])
-      captions.append(read_caption(path))
+    except (OSError, ValueError) as e:  # UnreadableImageError is a ValueError
+      logging.warning("skipping unreadable image %s: %s", path, e)
+      unreadable.append(rel)
+      continue
+    readable += 1
+    images.append(geometry({"image": image}, np.random.default_rng(0))["image"])
+    captions.append(read_caption(path))
+    if len(images) == batch_size:
+      yield np.stack(images), captions
+      images, captions = [], []
+  if images:
     yield np.stack(images), captions
+  if not readable:
+    raise ValueError(f"none of the {len(paths)} images under {root!r} could be read, e.g. {unreadable[:3]}")
+  if unreadable:
+    logging.warning("%d of %d images under %s could not be read and were left out", len(unreadable), len(paths), root)
 
 
 def first_image_size(root: str) -> int:
   """The shorter side of the first image under ``root``."""
   from PIL import Image
-
 
   with Image.open(os.path.join(root, list_images(root)[0])) as image:
     return min(image.size)

@@ -52,3 +52,4 @@ def test_streamed_statistics_equal_one_shot(extract, images, single_device):
   np.testing.assert_allclose(stats.covariance, sigma, rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match="no image batches"):
     features.compute_features(extract, iter([]))
+
