@@ -1,7 +1,7 @@
 """The README's first command, end to end at tiny sizes: both stages train,
 the held-out prompts are sampled and judged, the report is written, and a
 rerun resumes instead of retraining. (The figures of a tiny run are
-meaningless; the full-size figures are in the README.)"""
+meaningless; the full-size figures are in docs/demo-results.md.)"""
 
 import dataclasses
 import json
