@@ -150,7 +150,7 @@ def _check_finite(history: list[tuple[int, dict]], keys: Sequence[str], last_goo
       )
 
 
-def _data_counters(data_iterator: Any) -> dict[str, float]:
+def data_counters(data_iterator: Any) -> dict[str, float]:
   """Cumulative counts of the input pipeline (``data/skipped``, ...), summed over processes."""
   counters = getattr(data_iterator, "counters", None)
   if counters is None:  # e.g. a latent cache's plain grain iterator
@@ -239,7 +239,7 @@ def train_loop(
     elapsed = time.perf_counter() - t_last
     mean = {k: _nanmean([m[k] for _, m in history]) for k in history[-1][1] if k != STATE_FINITE}
     mean["images_per_sec"] = steps_since * cfg.global_batch_size / max(elapsed, 1e-9)
-    mean.update(_data_counters(data_iterator))
+    mean.update(data_counters(data_iterator))
     last_metrics = mean
     writer.scalars(step, mean, echo=bar is None)
     if bar is not None:

@@ -36,7 +36,7 @@ from ldm_jax.pipeline import LDMPipeline
 from ldm_jax.training import latent_cache, ldm_step
 from ldm_jax.training.eval_hook import make_eval_hook
 from ldm_jax.training.first_stage_copy import copy_differs, save_first_stage_copy
-from ldm_jax.training.loop import Hook, LoopConfig, TrainResult, train_loop
+from ldm_jax.training.loop import Hook, LoopConfig, TrainResult, data_counters, train_loop
 from ldm_jax.training.metrics_writer import MetricWriter
 from ldm_jax.training.optim import make_optimizer
 
@@ -129,6 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, first_stage: First
   schedule = schedule_from_config(config.diffusion)
 
   # Input.
+  writer = MetricWriter(workdir)
   prepare = _host_prepare(model)
   per_process = config.train.batch_size // jax.process_count()
   iterator = make_iterator(config.data, config.data.train_split, global_batch_size=config.train.batch_size,
@@ -137,8 +138,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, first_stage: First
     latent_cache.check_cacheable(model, config.data)
     one_pass = make_iterator(config.data, config.data.train_split, global_batch_size=config.train.batch_size,
                              seed=config.seed, tokenizer=tokenizer, shuffle=False, num_epochs=1, drop_remainder=False)
+    fresh = not os.path.exists(_latent_cache_path(workdir))
     cache = latent_cache.build_latent_cache(
         model, frozen, one_pass, prepare, _latent_cache_path(workdir))
+    if fresh:  # what the one pass skipped is logged once, at step 0: training reads the cache from here on
+      counts = data_counters(one_pass)
+      writer.scalars(0, counts, echo=False)
     iterator = latent_cache.cached_iterator(cache, per_process, config.seed)
     prepare = lambda b: b  # noqa: E731  (the cache already holds prepared fields)
   sharding = batch_sharding(mesh)
@@ -158,7 +163,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, first_stage: First
   step_fn = ldm_step.make_train_step(model, schedule, tx, step_cfg)
 
   # Hooks.
-  writer = MetricWriter(workdir)
   hooks = []
   if config.train.sample_every > 0 and (config.sample.prompts or config.sample.labels):
     pipeline = LDMPipeline(model, None, frozen, schedule, tokenizer, config.data.tokenizer.max_length,

@@ -32,8 +32,10 @@ from ldm_jax.interop.load import load_first_stage
 
 # A constant learning rate keeps stage 2's compiled step independent of
 # train.num_steps, so the continuation test reuses it instead of compiling anew.
+# Latents cached, as the full demo does (tiny turns caching off).
 SETTINGS = DemoSettings(tiny=True, images_per_prompt=1, seen_images_per_pair=1, num_steps=3, judge_steps=5,
-                        judge_renders_per_pair=10, ldm_overrides=(("optim.schedule", "constant"),))
+                        judge_renders_per_pair=10,
+                        ldm_overrides=(("optim.schedule", "constant"), ("ldm.cache_latents", True)))
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +108,10 @@ def test_demo_writes_report_grid_and_checkpoints(demo_run):
   for stage in ("autoencoder", "ldm"):
     assert os.listdir(os.path.join(workdir, stage, "checkpoints"))
   assert report["heldout_prompts"] == on_disk["heldout_prompts"]
+  # Stage 2 trains on cached latents: what the caching pass read is accounted for once, at step 0.
+  with open(os.path.join(workdir, "ldm", "metrics.jsonl")) as f:
+    first = json.loads(f.readline())
+  assert first == {"step": 0, "data/skipped": 0.0, "data/missing_captions": 0.0}
 
 
 def test_first_stage_accuracy_is_the_judges_on_decoded_renders(demo_run):
@@ -171,6 +177,7 @@ def test_stage2_refuses_to_resume_on_another_first_stage(demo_run, tmp_path):
   moved = str(tmp_path / "run")
   shutil.copytree(workdir, moved)
   ldm_config = demo_configs(moved, SETTINGS)[1]
+  ldm_config.ldm.cache_latents = False  # a stale cache must go, not be rebuilt in its place
   # Stand-in for an autoencoder trained further after stage 2 started: the run's copy no longer matches.
   copy_dir = os.path.join(moved, "ldm", "first_stage")
   _, variables, scale, fs_config = load_first_stage_copy(copy_dir)
@@ -183,7 +190,7 @@ def test_stage2_refuses_to_resume_on_another_first_stage(demo_run, tmp_path):
   save_first_stage_copy(copy_dir, nudged, fs_config, scale * 2)
   shutil.rmtree(os.path.join(moved, "ldm", "checkpoints"))
   stale_cache = os.path.join(moved, "ldm", "latent_cache", "process_0.npz")
-  os.makedirs(os.path.dirname(stale_cache))
+  os.makedirs(os.path.dirname(stale_cache), exist_ok=True)  # the demo run cached its latents there
   np.savez(stale_cache, latent_mean=np.ones((2, 4, 4, 3), np.float32))
   result = train_latent_diffusion(ldm_config, os.path.join(moved, "ldm"))
   assert result.step == ldm_config.train.num_steps and not os.path.exists(stale_cache)
