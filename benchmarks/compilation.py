@@ -117,15 +117,22 @@ _FREE_OPS = frozenset({"parameter", "constant", "bitcast", "get-tuple-element", 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*\S+\s+([a-z][a-z0-9-]*)\(")
 
 
+def hlo_text(executable: Any) -> str | None:
+  """The compiled program's HLO text (None where the backend does not give it)."""
+  try:
+    return executable.as_text()
+  except Exception:
+    return None
+
+
 def kernel_counts(executable: Any) -> dict[str, int] | None:
   """Opcodes of the compiled HLO outside fusion bodies: roughly the kernels one call launches.
 
   Many ``copy``/``transpose`` entries point at layout changes, many small
   fusions at missed fusion opportunities.
   """
-  try:
-    text = executable.as_text()
-  except Exception:
+  text = hlo_text(executable)
+  if text is None:
     return None
   counts: Counter = Counter()
   top_level = False
@@ -138,3 +145,31 @@ def kernel_counts(executable: Any) -> dict[str, int] | None:
     if top_level and match and match.group(1) not in _FREE_OPS:
       counts[match.group(1)] += 1
   return dict(counts.most_common())
+
+
+# One operation per line in MLIR's printed form: `%r = dialect.op ...`, `%r:2 = "dialect.op"(...)`, or no result.
+_MLIR_OP = re.compile(r'^\s*(?:%[^=]*=\s*)?"?([a-z_]+\.[a-z_][a-z0-9_.]*)"?[\s(<{]', re.M)
+_CUSTOM_CALL = re.compile(r'custom_call @"?([^\s("]+)'  # StableHLO, pretty form
+                          r'|call_target_name = "([^"]+)"'  # StableHLO, generic form
+                          r'|custom_call_target="([^"]+)"')  # compiled HLO
+CUDNN_ATTENTION = "__cudnn$fmha"  # the prefix of cuDNN's fused attention custom-call targets
+
+
+def mlir_op_counts(text: str) -> dict[str, int]:
+  """Operations of an MLIR module's text (``Exported.mlir_module()``) by name, most frequent first.
+
+  Operations inside regions (loop, conditional and reduction bodies) are
+  counted once each, as written: a loop body is not multiplied by its trips.
+  """
+  return dict(Counter(_MLIR_OP.findall(text)).most_common())
+
+
+def custom_call_targets(text: str) -> dict[str, int]:
+  """Custom-call targets in StableHLO or compiled HLO text, with their counts."""
+  return dict(Counter(next(g for g in m.groups() if g) for m in _CUSTOM_CALL.finditer(text)).most_common())
+
+
+def attention_kind(text: str) -> str:
+  """``"cudnn"`` when a program (StableHLO or compiled HLO text) calls cuDNN's fused attention,
+  else ``"xla"`` (XLA's dot + softmax)."""
+  return "cudnn" if CUDNN_ATTENTION in text else "xla"

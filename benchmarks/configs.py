@@ -63,6 +63,15 @@ CONFIGS: dict[str, ModelConfig] = {
         ),
         dict(_SD_VAE, block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8),
     ),
+    # Two levels at tiny widths: what `benchmarks.device_check --dry_run` runs, seconds to compile on a CPU.
+    "micro": ModelConfig(
+        dict(
+            _SD_UNET, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=16,
+            attention_head_dim=2, down_block_types=_CROSS_DOWN[2:], up_block_types=_CROSS_UP[:2],
+        ),
+        dict(_SD_VAE, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+             down_block_types=_SD_VAE["down_block_types"][:2], up_block_types=_SD_VAE["up_block_types"][:2]),
+    ),
 }
 
 

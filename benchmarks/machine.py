@@ -52,11 +52,11 @@ def git_revision() -> str | None:
   return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
-def machine_info(argv: list[str]) -> dict[str, Any]:
-  """The machine, the libraries and the command line (``argv``: the flags given to benchmarks.run)."""
+def machine_info(argv: list[str], module: str = "benchmarks.run") -> dict[str, Any]:
+  """The machine, the libraries and the command line (``argv``: the flags given to ``module``)."""
   device = jax.devices()[0]
   return dict(
-      command=shlex.join(["python", "-m", "benchmarks.run", *argv]),
+      command=shlex.join(["python", "-m", module, *argv]),
       cpu=cpu_model(),
       cores=usable_cores(),
       load_average=os.getloadavg(),

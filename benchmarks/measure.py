@@ -6,7 +6,17 @@ from typing import Any
 
 import jax
 
-from benchmarks.compilation import compile_cold_and_warm, flops, kernel_counts, memory_bytes, peak_device_bytes
+from benchmarks.compilation import (
+    attention_kind,
+    compile_cold_and_warm,
+    compile_timed,
+    custom_call_targets,
+    flops,
+    hlo_text,
+    kernel_counts,
+    memory_bytes,
+    peak_device_bytes,
+)
 from benchmarks.peaks import device_peak_flops, mfu
 from benchmarks.timing import summarize, time_steps
 from benchmarks.workloads import Workload
@@ -29,13 +39,18 @@ def workload_flops(w: Workload, stage: Any | None = None) -> float | None:
   return None if counted is None or extra is None else counted + extra
 
 
-def measure_workload(w: Workload, *, repeats: int, warmup: int, profile_dir: str | None = None) -> dict[str, Any]:
+def measure_workload(w: Workload, *, repeats: int, warmup: int, profile_dir: str | None = None,
+                     warm_compile: bool = True) -> dict[str, Any]:
   """Compiles ``w`` cold then warm, runs the warm executable ``warmup + repeats`` times.
 
   With ``profile_dir``, one more (untimed) call is traced with ``jax.profiler``
-  into ``profile_dir/<workload>`` (view with TensorBoard or xprof).
+  into ``profile_dir/<workload>`` (view with TensorBoard or xprof). Without
+  ``warm_compile`` it compiles once (the warm figures are None) and runs that.
   """
-  cold, warm = compile_cold_and_warm(w.fn, w.args, w.donate_argnums)
+  if warm_compile:
+    cold, warm = compile_cold_and_warm(w.fn, w.args, w.donate_argnums)
+  else:
+    cold = warm = compile_timed(w.fn, w.args, w.donate_argnums)
   step_flops = workload_flops(w, cold.executable)
   executable, args = warm.executable, list(w.args)
 
@@ -50,17 +65,19 @@ def measure_workload(w: Workload, *, repeats: int, warmup: int, profile_dir: str
     with jax.profiler.trace(os.path.join(profile_dir, w.name)):
       step()
   stats = summarize(times)
+  text = hlo_text(cold.executable)
   return dict(
       workload=w.name,
       images_per_step=w.images,
       compile_cold_s=cold.seconds,
-      compile_warm_s=warm.seconds,
+      compile_warm_s=warm.seconds if warm_compile else None,
       compile_breakdown_s={
           f"{name}_{stage}": round(getattr(c, f"{stage}_s"), 4)
-          for name, c in (("cold", cold), ("warm", warm)) for stage in ("trace", "lower", "compile")
+          for name, c in (("cold", cold), ("warm", warm)) if name == "cold" or warm_compile
+          for stage in ("trace", "lower", "compile")
       },
       cold_cache_hit=cold.cache_hits > 0,  # True only when --cache-dir already held this program
-      warm_cache_hit=warm.cache_hits > 0,
+      warm_cache_hit=warm.cache_hits > 0 if warm_compile else None,
       **stats,
       times_s=times,
       cpu_over_wall=sum(cpu_times) / sum(times),
@@ -68,6 +85,8 @@ def measure_workload(w: Workload, *, repeats: int, warmup: int, profile_dir: str
       **throughput(w.images, step_flops, stats["median_s"], device_peak_flops()),
       xla_memory_bytes=memory_bytes(executable),
       hlo_kernels=kernel_counts(cold.executable),
+      attention_ran=attention_kind(text) if text else None,  # cuDNN fused attention or XLA dot + softmax
+      custom_calls=custom_call_targets(text) if text else None,
       peak_device_bytes=peak_device_bytes(),
   )
 

@@ -128,6 +128,13 @@ class Models:
     params, self._unet_params = self.unet_params, None
     return params
 
+  def share_params(self, other: "Models", copy: bool = False) -> None:
+    """Takes ``other``'s parameters instead of drawing new ones: parameter shapes do not depend on
+    the batch, the compute dtype, remat or attention. ``copy`` (on device) for a program that donates them."""
+    unet = other.unet_params
+    self._unet_params = jax.tree.map(jnp.copy, unet) if copy else unet
+    self._vae_params = other.vae_params
+
   @property
   def vae_params(self) -> Any:
     if self._vae_params is None:

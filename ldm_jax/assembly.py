@@ -120,13 +120,19 @@ def example_inputs(model: LatentDiffusion, config: ml_collections.ConfigDict) ->
   return model.derive_inputs(example, np.zeros((1, size, size, 3), np.float32))
 
 
-def random_first_stage(section: ml_collections.ConfigDict, image_size: int) -> FirstStageWeights:
-  """An untrained first stage from ``section.model`` (tests and benchmarks only)."""
+def random_first_stage(section: ml_collections.ConfigDict, image_size: int, *,
+                       abstract: bool = False) -> FirstStageWeights:
+  """An untrained first stage from ``section.model`` (tests and benchmarks only).
+
+  ``abstract=True`` gives its variables as ``jax.ShapeDtypeStruct``s: nothing
+  is computed, enough to lower (``jax.export``) programs that use it.
+  """
   model_config = section.model.to_dict()
   model = make_first_stage(model_config)
   x = np.zeros((1, image_size, image_size, 3), np.float32)
   # Initialise through encode and decode so both halves get parameters.
-  variables = jax.jit(lambda k: model.init(k, x, method=_encode_decode))(jax.random.key(0))
+  init = lambda k: model.init(k, x, method=_encode_decode)  # noqa: E731
+  variables = jax.eval_shape(init, jax.random.key(0)) if abstract else jax.jit(init)(jax.random.key(0))
   return FirstStageWeights(variables, model_config, 1.0)
 
 

@@ -90,7 +90,8 @@ FILE_SECONDS = {
     "test_sharding.py": 84,
     "test_samplers_gaussian.py": 70,
     "test_eval_shapes_judge.py": 61,
-    "test_benchmarks.py": 57,
+    "test_device_check.py": 90,
+    "test_benchmarks.py": 67,
     "test_autoencoder_loss.py": 53,
     "test_unet_model.py": 51,
 }

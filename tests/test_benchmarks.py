@@ -14,7 +14,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a top-level folder, not part of the installed package
 
-from benchmarks import workloads  # noqa: E402
+from benchmarks import lowering, workloads  # noqa: E402
 from benchmarks.compilation import flops  # noqa: E402
 from benchmarks.configs import get_config, unet_fields, vae_ddconfig  # noqa: E402
 from benchmarks.measure import workload_flops  # noqa: E402
@@ -141,3 +141,19 @@ def test_targets_are_arithmetic_on_flop_counts():
   assert rows["unet_train"]["seconds"] == pytest.approx(8 * 2e12 / (0.40 * 989e12))
   assert rows["sampler"]["seconds"] == pytest.approx(8 * 80e12 / (0.45 * 989e12))
   assert rows["sampler_step"]["mfu"] == pytest.approx(1.5e12 / 0.015 / 989e12)
+
+
+def test_lowering_for_tpu_and_cuda_and_on_a_stand_in_h100():
+  """benchmarks/lowering.py on the two-level config: both platforms lower; traced as on an H100, "auto"
+  puts self-attention on cuDNN and keeps the 77-token cross-attention on XLA (cuDNN refuses it under grad)."""
+  settings = Settings(config="micro", batch=1, image_size=16, steps=2, dtype="bfloat16")
+  rows = lowering.lower(settings, "sampler", [("tpu",), ("tpu", "cuda")], stand_in=False)
+  assert [r["lowered"] for r in rows] == [True, True], [r["error"] for r in rows]
+  assert rows[0]["ops"]["stablehlo.while"] == 1 and rows[0]["custom_calls"] == {}
+  assert rows[1]["ops"]["stablehlo.case"] > rows[0]["ops"].get("stablehlo.case", 0)  # per-platform branches
+  train = lowering.lower(settings, "unet_train", [("cuda",)], stand_in=True)[0]
+  assert train["lowered"], train["error"]
+  assert train["attention_ran"] == "cudnn" and set(train["custom_calls"]) == set(lowering.CUDNN_TARGETS[:2])
+  table = lowering.markdown(dict(settings=dataclasses.asdict(settings), rows=[*rows, train],
+                                 machine=dict(command="c", cpu="cpu", cores=1, versions=dict(jax="0"), git=None)))
+  assert table.count("| yes |") == 3 and "`__cudnn$fmhaSoftmaxBackward` ×" in table
