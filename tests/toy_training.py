@@ -72,6 +72,6 @@ def two_device_mesh():
 def restored_params(workdir, step: int):
   """Checkpoint ``step``'s params, on the host."""
   abstract = jax.eval_shape(init, jax.random.key(0)).params
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.make_single_device_sharding(jax.devices()[0])
   params = restore_subtree(str(workdir / "checkpoints"), step, ("params",), abstract, device, what="toy params")
   return jax.device_get(params)

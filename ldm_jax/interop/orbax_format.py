@@ -74,7 +74,7 @@ def load(path: str, *, mesh=None, compute_dtype: str | None = None):
   parts["tokenizer"] = tokenizer_dir if os.path.isdir(tokenizer_dir) else None
   model, tok, max_length = pretrained.build_from_parts(parts, compute_dtype or "float32")
   params, frozen = pretrained.split_params_frozen(model, pretrained.weight_templates(model, max_length))
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                         {"params": params, "frozen": frozen})
   with ocp.StandardCheckpointer() as checkpointer:

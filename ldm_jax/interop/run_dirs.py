@@ -93,7 +93,7 @@ def _load_run(run_dir, model_config, step, sharding):
     model = make_first_stage(model_config)
   finally:
     manager.close()
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  sharding = sharding or jax.sharding.make_single_device_sharding(jax.local_devices()[0])
   params = restore_subtree(ckpt_dir, step, AE_PARAMS_PATH, _abstract_params(model), sharding, what="the first stage")
   return model, {"params": params}, float(meta["scale_factor"]), model_config
 
@@ -151,7 +151,7 @@ def load_ldm_run(path: str, *, use_ema: bool = True, mesh=None, compute_dtype: s
       jax.random.key(0),
   )
   key = "ema_params" if use_ema and step_config(config).ema_decay > 0 else "params"
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
   params = restore_subtree(checkpointer.directory, step, (key,), abstract, device, what=f"the LDM's {key}")
   checkpointer.close()
   return LDMPipeline(

@@ -20,12 +20,22 @@ def setup_runtime(
   """Joins a multi-process job if there is one, then turns on the compile cache.
 
   The persistent cache makes a restarted (or preempted) job skip most of its
-  compilation; ``compilation_cache_dir=None`` or ``""`` disables it.
+  compilation; ``compilation_cache_dir=None`` or ``""`` disables it, and a
+  multi-process job on CPU (a test setup) runs without it.
   ``cpu_devices > 0`` splits the host CPU into that many JAX devices (see
   :func:`split_cpu`); it must run before JAX has created its backends.
   """
   split_cpu(cpu_devices)
-  maybe_initialize(coordinator_address, num_processes, process_id)
+  multi_process = maybe_initialize(coordinator_address, num_processes, process_id)
+  if multi_process and jax.default_backend() == "cpu":
+    # On CPU the cache key holds the device assignment, which JAX strips only
+    # on GPU, so each process has its own key and only process 0 writes: a
+    # warm cache serves process 0 alone while the others compile anyway (no
+    # time saved), and from jax 0.12 a job mixing a loaded executable with
+    # freshly compiled ones hangs in its first cross-process collective.
+    logging.getLogger(__name__).info("multi-process CPU job: persistent compilation cache off")
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache_dir = None
   if compilation_cache_dir:
     path = os.path.expanduser(compilation_cache_dir)
     os.makedirs(path, exist_ok=True)

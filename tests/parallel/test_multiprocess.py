@@ -4,7 +4,8 @@ mesh; a fresh pair restored from the step-2 checkpoint continues to exactly
 the parameters and losses of the uninterrupted run.
 
 The expensive part: two pairs of processes, each compiling the tiny step
-(shared through the persistent compile cache). Marked slow.
+(a multi-process CPU job runs without the persistent compile cache: see
+``setup_runtime``). Marked slow.
 """
 
 import json
