@@ -93,9 +93,10 @@ class _PreemptionWatch:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def create_sharded_state(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, cfg: LoopConfig):
+def create_sharded_state(init_fn: Callable[..., Any], rng: jax.Array, mesh: Mesh, cfg: LoopConfig,
+                         init_args: tuple = ()):
   """``(abstract_state, shardings)``; the state itself is never materialised here."""
-  abstract = jax.eval_shape(init_fn, rng)
+  abstract = jax.eval_shape(init_fn, rng, *init_args)
   shardings = partitioning.state_shardings(
       abstract, mesh, fsdp_min_size=cfg.fsdp_min_size, rules=cfg.partition_rules
   )
@@ -167,8 +168,9 @@ def train_loop(
     workdir: str,
     mesh: Mesh,
     cfg: LoopConfig,
-    init_fn: Callable[[jax.Array], Any],
+    init_fn: Callable[..., Any],
     step_fn: Callable[[Any, dict, jax.Array, Any], tuple[Any, dict]],
+    init_args: tuple = (),
     batches: Iterator[dict],
     frozen: Any = None,
     data_iterator: Any = None,
@@ -180,7 +182,9 @@ def train_loop(
   """Runs (or resumes) training until ``cfg.num_steps``.
 
   Args:
-    init_fn: ``rng -> state`` (pure; jitted here with sharded outputs).
+    init_fn: ``(rng, *init_args) -> state`` (pure; jitted here with sharded outputs).
+    init_args: arrays the first state is made from (pretrained weights):
+      arguments of the jitted ``init_fn``, never constants of its program.
     step_fn: ``(state, batch, rng, frozen) -> (state, metrics)``; ``rng`` is
       already folded with the step. ``state`` must have an integer ``step``
       field.
@@ -197,7 +201,7 @@ def train_loop(
   writer = writer or MetricWriter(workdir)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
   init_rng, step_rng = jax.random.split(rng)
-  abstract, shardings = create_sharded_state(init_fn, init_rng, mesh, cfg)
+  abstract, shardings = create_sharded_state(init_fn, init_rng, mesh, cfg, init_args)
 
   restored = checkpointer.restore_newest(
       ckpt_lib.abstract_with_shardings(abstract, shardings), data_iterator=data_iterator
@@ -208,8 +212,8 @@ def train_loop(
     logging.info("resumed from step %d", latest)
   else:
     init = jax.jit(init_fn, out_shardings=shardings)
-    compile_in_lockstep(init, init_rng, name="init")
-    state = init(init_rng)
+    compile_in_lockstep(init, init_rng, *init_args, name="init")
+    state = init(init_rng, *init_args)
   start = int(jax.device_get(state.step))
   writer.resume_at(start)  # steps after it were logged by a run that died before its next checkpoint
 
