@@ -1,10 +1,11 @@
 """The sampling driver: every sampler is one jitted program, a ``lax.scan`` over its iterations.
 
-Static (a new value compiles a new program): ``denoise_fn``, the
+Static (a new value compiles a new program): ``denoise_fn``, ``guide_fn``, the
 ``SamplerConfig``, the img2img start step (from ``strength``), shapes, and
 whether ``uncond`` / ``init_latent`` / ``mask`` are given. Traced (no
 recompilation): params, the initial noise, rng, conditioning, guidance scale,
-eta, the schedule's values, the init latent and the mask.
+eta, the schedule's values, the init latent, the mask, ``guide_params`` and
+``guidance_strength``.
 """
 
 import functools
@@ -16,6 +17,7 @@ from flax import struct
 
 from ldm_jax.diffusion.config import SamplerConfig
 from ldm_jax.diffusion.guidance import DenoiseFn, guided_output
+from ldm_jax.diffusion.image_guidance import GuideFn, image_guided_prediction
 from ldm_jax.diffusion.parameterization import predict_eps, predict_x0
 from ldm_jax.diffusion.samplers import Denoised, Sampler, StepTable
 from ldm_jax.diffusion.samplers.base import Carry
@@ -88,8 +90,12 @@ def make_iteration(
     guidance_scale: Any = 1.0,
     known: jax.Array | None = None,
     mask: jax.Array | None = None,
+    guide_fn: GuideFn | None = None,
+    guide_params: Any = None,
+    guidance_strength: Any = 0.0,
 ) -> Callable[[Carry, StepTable, Any], Carry]:
-  """The scan body ``(carry, row, k) -> carry``: one network evaluation and one sampler update."""
+  """The scan body ``(carry, row, k) -> carry``: one network evaluation and one sampler update
+  (with ``guide_fn``, also its gradient: see ``ldm_jax.diffusion.image_guidance``)."""
   prediction_type = sampler.config.prediction_type
   interval = sampler.config.guidance_interval
 
@@ -103,13 +109,18 @@ def make_iteration(
     x = carry["x"]
     x_in = x * row.in_scale
     t_B = jnp.full((x.shape[0],), row.t_model, jnp.float32)
-    out = guided_output(denoise_fn, params, x_in, t_B, cond, uncond, step_scale(row.t_model))
-    if out.shape != x.shape:
-      raise ValueError(f"denoise_fn returned shape {out.shape}, expected the input's shape {x.shape}")
-    pred = Denoised(
-        x0=sampler.process_x0(predict_x0(out, x_in, row.alpha_bar, prediction_type)),
-        eps=predict_eps(out, x_in, row.alpha_bar, prediction_type),
-    )
+
+    def predict(x_t):
+      out = guided_output(denoise_fn, params, x_t, t_B, cond, uncond, step_scale(row.t_model))
+      if out.shape != x.shape:
+        raise ValueError(f"denoise_fn returned shape {out.shape}, expected the input's shape {x.shape}")
+      return predict_x0(out, x_t, row.alpha_bar, prediction_type), predict_eps(out, x_t, row.alpha_bar, prediction_type)
+
+    if guide_fn is None:
+      x0, eps = predict(x_in)
+    else:
+      x0, eps = image_guided_prediction(predict, x_in, row.alpha_bar, guide_fn, guide_params, guidance_strength)
+    pred = Denoised(x0=sampler.process_x0(x0), eps=eps)
     noise, known_noise = step_noise(rng, k, x.shape) if (sampler.draws_noise or mask is not None) else (None, None)
     carry = sampler.update(carry, pred, row, noise)
     if mask is not None:
@@ -119,14 +130,15 @@ def make_iteration(
   return iteration
 
 
-@functools.partial(jax.jit, static_argnames=("denoise_fn", "config", "start", "from_init"))
+@functools.partial(jax.jit, static_argnames=("denoise_fn", "config", "start", "from_init", "guide_fn"))
 def _sample_program(denoise_fn, config, start, from_init, params, x_T, schedule, rng, cond, uncond,
-                    guidance_scale, eta, init_latent, mask):
+                    guidance_scale, eta, init_latent, mask, guide_fn=None, guide_params=None, guidance_strength=0.0):
   sampler = config.make_sampler()
   plan = make_plan(schedule, config, eta, start)
   x = initial_state(plan, x_T, init_latent, mask, from_init)
   iteration = make_iteration(sampler, denoise_fn, params, rng=rng, cond=cond, uncond=uncond,
-                             guidance_scale=guidance_scale, known=init_latent, mask=mask)
+                             guidance_scale=guidance_scale, known=init_latent, mask=mask, guide_fn=guide_fn,
+                             guide_params=guide_params, guidance_strength=guidance_strength)
 
   def body(carry, row_and_k):
     return iteration(carry, *row_and_k), None
@@ -151,6 +163,9 @@ def sample(
     init_latent: jax.Array | None = None,
     strength: float | None = None,
     mask: jax.Array | None = None,
+    guide_fn: GuideFn | None = None,
+    guide_params: Any = None,
+    guidance_strength: Any = 0.0,
 ) -> jax.Array:
   """Draws samples (float32, ``x_T``'s shape) by running ``config``'s sampler from noise ``x_T``.
 
@@ -180,8 +195,20 @@ def sample(
       pipelines use the opposite). After every step the kept region is replaced
       by ``init_latent`` noised to the current level; after the last step it
       equals ``init_latent`` exactly.
+    guide_fn: ``guide_fn(guide_params, x0_pred) -> scalar``, a differentiable
+      log-likelihood of the predicted x0 (summed over the batch) whose gradient
+      w.r.t. ``x_t`` steers every step:
+      ``eps_hat = eps - guidance_strength * sqrt(1 - alpha_bar_t) * grad``
+      (``ldm_jax.diffusion.image_guidance``). Static, like ``denoise_fn``.
+    guide_params: traced pytree handed to ``guide_fn`` (targets, weights).
+    guidance_strength: scalar ``s`` above; 0 samples exactly what the run
+      without ``guide_fn`` samples.
   """
   check_sample_inputs(config, x_T, schedule, cond, uncond, guidance_scale, eta, init_latent, strength, mask)
+  if guide_fn is None and guide_params is not None:
+    raise ValueError("guide_params was given without guide_fn (image-space guidance needs both)")
+  if jnp.ndim(guidance_strength) != 0:
+    raise ValueError(f"guidance_strength must be a scalar, got shape {jnp.shape(guidance_strength)}")
   start = first_step(config.num_steps, strength)
   if start == config.num_steps:  # strength too small to take any step
     return jnp.asarray(init_latent, jnp.float32)
@@ -191,4 +218,5 @@ def sample(
     mask = jnp.asarray(mask, jnp.float32)
   return _sample_program(denoise_fn, config, start, strength is not None, params, x_T, schedule, rng, cond,
                          uncond, jnp.asarray(guidance_scale, jnp.float32), jnp.asarray(eta, jnp.float32),
-                         init_latent, mask)
+                         init_latent, mask, guide_fn=guide_fn, guide_params=guide_params,
+                         guidance_strength=jnp.asarray(guidance_strength, jnp.float32))
