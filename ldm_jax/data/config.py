@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-SOURCES = ("shapes", "tfds", "array_record", "folder")
+SOURCES = ("shapes", "tfds", "array_record", "folder", "webdataset")
 MISSING_CAPTION_POLICIES = ("empty", "skip")
 
 
@@ -73,6 +73,18 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Scenes hold 1 to `max_objects` objects (at most 3); 1 gives single-object
   # scenes only (their own dataset folder).
   config.shapes.max_objects = 3
+
+  # Source "webdataset": tar shards as img2dataset writes them (000123.jpg +
+  # 000123.txt caption and/or 000123.json metadata), named by data.path: a brace
+  # pattern ('shards/{00000..00127}.tar'), a glob, or a folder of .tar files.
+  config.webdataset = ml_collections.ConfigDict()
+  # Drop images whose shorter side is below this many pixels (0: keep all); the
+  # .json's original size decides when it has one, else the image's own size.
+  # Dropped images are counted at start (a log line), not as data/skipped.
+  config.webdataset.min_size = 0
+  # Drop images whose long side exceeds this multiple of the short side
+  # (0: keep all); e.g. 2.0 keeps 1:2 panoramas but not 1:3.
+  config.webdataset.max_aspect_ratio = 0.0
   return config
 
 

@@ -13,6 +13,7 @@ import ml_collections
 from ldm_jax.data.array_record_source import ArrayRecordSource, resolve_shards
 from ldm_jax.data.config import SOURCES
 from ldm_jax.data.folder_source import ImageFolderSource
+from ldm_jax.data.tar_shards import TarShardSource, resolve_tar_shards
 from ldm_jax.data.tfds_source import open_shapes, open_tfds
 
 
@@ -42,8 +43,17 @@ def open_source(data_config: ml_collections.ConfigDict, split: str):
     if not data_config.path:
       raise ValueError("config.data.path is empty; set it to a folder of images for source 'folder'.")
     return ImageFolderSource(data_config.path.replace("{split}", split))
+  if kind == "webdataset":
+    # .get: a config saved before this source existed has no such section.
+    filters = data_config.get("webdataset") or {}
+    return TarShardSource(
+        resolve_tar_shards(data_config.path, split),
+        min_size=filters.get("min_size", 0),
+        max_aspect_ratio=filters.get("max_aspect_ratio", 0.0),
+    )
   raise ValueError(f"Unknown data source {kind!r}; expected one of {SOURCES}.")
 
 
 def has_captions(data_config: ml_collections.ConfigDict) -> bool:
+  """Whether records carry a caption (for "folder", "array_record", "webdataset" it may be None: missing)."""
   return data_config.source != "tfds" or bool(data_config.caption_key)
