@@ -7,6 +7,13 @@ donated state, metrics fetched from the device once per ``log_every`` steps
 updated state itself) that runs before anything is saved, checkpoints with
 the data-iterator state, periodic hooks (sample grids, evaluation), and
 clean exit on preemption (SIGTERM) on every process at the same step.
+
+The steady-state step (every step after this run's first) fetches its batch
+and dispatches the compiled step under ``jax.transfer_guard``: an implicit
+host<->device copy there (a NumPy batch, an uncommitted array resharded per
+step) would stall the host on every step, so it fails with ``HostTransferError``
+instead. Checkpoints are written in the background (orbax async); the loop only
+waits for one at the next save or the end of training.
 """
 
 import dataclasses
@@ -38,6 +45,13 @@ class NonFiniteLossError(FloatingPointError):
   """A loss term, the gradient norm or the train state became NaN or Inf; names the step."""
 
 
+class HostTransferError(RuntimeError):
+  """The steady-state step made an implicit host<->device transfer (see ``LoopConfig.transfer_guard``)."""
+
+
+TRANSFER_GUARDS = ("allow", "log", "disallow")
+
+
 @dataclasses.dataclass
 class Hook:
   """``fn(step, state)`` every ``every`` steps, on every process."""
@@ -59,6 +73,10 @@ class LoopConfig:
   fsdp_min_size: int = 2**16
   partition_rules: Sequence = ()
   progress_bar: bool = True
+  # jax.transfer_guard level around each steady-state step (batch fetch + step
+  # dispatch): "disallow" turns a per-step implicit transfer into an error,
+  # "log" only logs it, "allow" checks nothing.
+  transfer_guard: str = "disallow"
 
 
 @dataclasses.dataclass
@@ -163,6 +181,25 @@ def data_counters(data_iterator: Any) -> dict[str, float]:
   return counts
 
 
+def _guarded_step(level: str, step: int, jitted: Callable, state: Any, batches: Iterator[dict], rng: jax.Array,
+                  frozen: Any) -> tuple[Any, dict]:
+  """Fetches the next batch and dispatches ``jitted`` under ``jax.transfer_guard(level)``."""
+  try:
+    with jax.transfer_guard(level):
+      return jitted(state, next(batches), rng, frozen)
+  except jax.errors.JaxRuntimeError as error:
+    message = str(error)
+    if "Disallowed" not in message:
+      raise
+    what = message[message.index("Disallowed"):].split(", dst_sharding")[0]
+    raise HostTransferError(
+        f"step {step}: an implicit transfer in the steady-state training step ({what}), which would stall the "
+        "host on every step. Yield batches already on the device (jax.device_put or ldm_jax.data.to_global_array "
+        "onto the batch sharding) and keep other step arguments on their shardings; "
+        "LoopConfig.transfer_guard='allow' turns this check off."
+    ) from error
+
+
 def train_loop(
     *,
     workdir: str,
@@ -198,9 +235,13 @@ def train_loop(
       function of the state that computes it at save time (e.g. a latent
       scale factor that must match the saved weights).
   """
+  if cfg.transfer_guard not in TRANSFER_GUARDS:
+    raise ValueError(f"LoopConfig.transfer_guard must be one of {TRANSFER_GUARDS}, got {cfg.transfer_guard!r}.")
   writer = writer or MetricWriter(workdir)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
   init_rng, step_rng = jax.random.split(rng)
+  # Committed to the step's layout once: an uncommitted key would be copied to every device on every step.
+  step_rng = jax.device_put(step_rng, replicated(mesh))
   abstract, shardings = create_sharded_state(init_fn, init_rng, mesh, cfg, init_args)
 
   restored = checkpointer.restore_newest(
@@ -260,11 +301,13 @@ def train_loop(
   try:
     step = start
     while step < cfg.num_steps:
-      batch = next(batches)
-      if jitted is None:
+      if jitted is None:  # the first step: compiles, and may place things for the first time
+        batch = next(batches)
         jitted = jit_step(step_fn, mesh, shardings, batch, frozen)
         compile_in_lockstep(jitted, state, batch, step_rng, frozen, name="train_step")
-      state, metrics = jitted(state, batch, step_rng, frozen)
+        state, metrics = jitted(state, batch, step_rng, frozen)
+      else:
+        state, metrics = _guarded_step(cfg.transfer_guard, step + 1, jitted, state, batches, step_rng, frozen)
       step += 1
       steps_since += 1
       pending.append((step, metrics))
