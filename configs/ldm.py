@@ -72,27 +72,34 @@ VQ_F4 = dict(kind="vq", embed_dim=3, n_embed=8192, ddconfig=dict(
 KL_F8 = dict(kind="kl", embed_dim=4, ddconfig=dict(
     double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
     ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_resolutions=(), dropout=0.0))
-FIRST_STAGES = {"vq_f4": VQ_F4, "kl_f8": KL_F8}
+# models/first_stage_models/vq-f4-noattn (ddconfig attn_type: none): no mid-block attention, which
+# the paper's inpainting LDM uses to decode 512x512 images with less memory.
+VQ_F4_NOATTN = dict(VQ_F4, ddconfig=dict(VQ_F4["ddconfig"], use_mid_attn=False))
+FIRST_STAGES = {"vq_f4": VQ_F4, "vq_f4_noattn": VQ_F4_NOATTN, "kl_f8": KL_F8}
 TINY_FIRST_STAGE = dict(kind="kl", embed_dim=3, ddconfig=dict(
     double_z=True, z_channels=3, resolution=32, in_channels=3, out_ch=3, ch=16, ch_mult=(1, 2, 2),
     num_res_blocks=1, attn_resolutions=(), dropout=0.0, norm_num_groups=8, use_mid_attn=False))
 
 
-def concat_section(kind: str = "none", num_seg_classes: int = 0,
-                   low_res_size: int = 0) -> ml_collections.ConfigDict:
+def concat_section(kind: str = "none", num_seg_classes: int = 0, low_res_size: int = 0,
+                   latent_first: bool = False) -> ml_collections.ConfigDict:
   """The ``concat`` section: what is concatenated to the UNet's input z_t.
 
   ``kind``: ``none``, ``low_res`` (the image at ``low_res_size``), ``inpaint``
-  (mask + the masked image's latents) or ``segmentation`` (one-hot maps of
-  ``num_seg_classes`` classes, which the rescaler halves twice and maps to 3
-  channels, as the reference's semantic-synthesis models; identity otherwise).
+  (mask + the masked image's latents; ``latent_first``: the paper's inpainting
+  LDM's order ``[z_t, masked latent, mask]`` instead of SD's ``[z_t, mask,
+  masked latent]``) or ``segmentation`` (one-hot maps of ``num_seg_classes``
+  classes, which the rescaler halves twice and maps to 3 channels, as the
+  reference's semantic-synthesis models; identity otherwise).
   """
+  if latent_first and kind != "inpaint":
+    raise ValueError(f"concat latent_first applies to kind 'inpaint' only, not {kind!r}")
   rescaler = dict(n_stages=0)
   if kind == "segmentation":
     rescaler = dict(n_stages=2, method="bilinear", multiplier=0.5, in_channels=num_seg_classes,
                     out_channels=3)
   return C(dict(kind=kind, num_seg_classes=num_seg_classes, low_res_size=low_res_size,
-                rescaler=C(rescaler)))
+                latent_first=latent_first, rescaler=C(rescaler)))
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -197,7 +204,7 @@ def _tiny(c) -> None:
   if c.concat.kind == "low_res":
     c.concat.low_res_size = 8
   c.ldm.cache_latents = False
-  c.optim.update(learning_rate=1e-3, scale_lr_by_batch=False, warmup_steps=0)
+  c.optim.update(learning_rate=1e-3, scale_lr_by_batch=False, schedule="constant", warmup_steps=0)
   c.train.update(batch_size=8, num_steps=4, log_every=2, checkpoint_every=2, sample_every=0,
                  progress_bar=False)
   c.sample.update(num_steps=4, num_unconditional=2)

@@ -8,6 +8,7 @@ import pathlib
 import pytest
 
 from ldm_jax.config import load_config
+from ldm_jax.training.optim import make_optimizer
 
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
 
@@ -44,8 +45,12 @@ def test_variant_sections_agree(variant, suffix):
     assert c.unet.use_spatial_transformer and c.unet.context_dim
     width = c.cond_stage.get("n_embed", c.cond_stage.get("embed_dim"))
     assert width in (None, c.unet.context_dim)
+  assert c.concat.latent_first == (c.concat.kind == "inpaint" and variant == "inpainting_big")
+  _, rate = make_optimizer(c.optim, c.train.num_steps, c.train.batch_size)  # lambda schedules need their keys
+  assert float(rate(c.optim.warmup_steps)) > 0
   if suffix:
     assert c.first_stage.random_init and c.data.source == "shapes" and c.train.num_steps == 4
+    assert c.optim.schedule in ("constant", "cosine")  # tiny runs take no 10k-step warm-up
 
 
 def test_loading_leaves_the_tables_as_written():
@@ -54,3 +59,10 @@ def test_loading_leaves_the_tables_as_written():
   assert LDM.get_config("txt2img_kl8,tiny").to_dict() == first
   assert LDM.FAMILIES["ldm_paper"].VARIANTS["txt2img_kl8"]["first_stage"]["model"] == "kl_f8"
   assert LDM.FAMILIES["ldm_paper"].VARIANTS["semantic256"]["concat"]["kind"] == "segmentation"
+  assert LDM.FAMILIES["ldm_paper"].VARIANTS["inpainting_big"]["first_stage"]["model"] == "vq_f4_noattn"
+
+
+def test_concat_section_refuses_latent_first_without_inpainting():
+  assert LDM.concat_section("inpaint", latent_first=True).latent_first
+  with pytest.raises(ValueError, match="latent_first applies to kind 'inpaint' only, not 'low_res'"):
+    LDM.concat_section("low_res", low_res_size=16, latent_first=True)

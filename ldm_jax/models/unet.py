@@ -298,6 +298,28 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         transformer_depth=1, context_dim=512,
     ),
     "txt2img_1p4b": {**_SD_V1, "context_dim": 1280},  # txt2img-1p4B-eval.yaml (LDM-BERT context)
+    # models/ldm/bsr_sr/config.yaml: z_t + the low-res image. Attention at 16 and 8 as written,
+    # though with four levels the downsampling factor only reaches 8.
+    "sr_bsr": dict(
+        image_size=64, in_channels=6, out_channels=3, model_channels=160, attention_resolutions=(16, 8),
+        num_res_blocks=2, channel_mult=(1, 2, 2, 4), num_head_channels=32,
+    ),
+    # models/ldm/inpainting_big/config.yaml: z_t + masked image's latent + mask.
+    "inpainting_big": dict(
+        image_size=64, in_channels=7, out_channels=3, model_channels=256, attention_resolutions=(8, 4, 2),
+        num_res_blocks=2, channel_mult=(1, 2, 3, 4), num_heads=8, resblock_updown=True,
+    ),
+    # models/ldm/layout2img-openimages256/config.yaml: cross-attention to the 512-d layout encoder.
+    "layout2img": dict(
+        image_size=64, in_channels=3, out_channels=3, model_channels=128, attention_resolutions=(8, 4, 2),
+        num_res_blocks=2, channel_mult=(1, 2, 3, 4), num_head_channels=32, use_spatial_transformer=True,
+        transformer_depth=3, context_dim=512,
+    ),
+    # models/ldm/semantic_synthesis256/config.yaml: z_t + the rescaled 3-channel segmentation.
+    "semantic256": dict(
+        image_size=64, in_channels=6, out_channels=3, model_channels=128, attention_resolutions=(32, 16, 8),
+        num_res_blocks=2, channel_mult=(1, 4, 8), num_heads=8,
+    ),
 }
 
 
