@@ -34,8 +34,11 @@ class InputIterator(grain.DatasetIterator):
 
   ``image`` float32 (B, H, W, 3) in [-1, 1]; ``caption`` str (B,);
   ``tokens``/``attention_mask`` int32 (B, L) with a tokenizer; ``label``,
-  ``num_objects`` int32 (B,); ``boxes`` float32 (B, 3, 4); ``box_labels``
-  int32 (B, 3); ``segmentation`` uint8 (B, H, W) -- whichever the source has.
+  ``num_objects`` int32 (B,); ``boxes`` float32 (B, O, 4); ``box_labels``
+  int32 (B, O) (O: 3 for the shapes dataset, else ``data.conditioning.layout_max_objects``);
+  ``segmentation`` uint8 (B, H, W) (int32 from 16-bit label maps) -- whichever the source
+  has; and as ``data.conditioning`` asks, ``low_res`` float32 (B, H / f, W / f, 3) in
+  [-1, 1] and ``mask`` float32 (B, H, W, 1), 1 = hole.
   """
 
   def __init__(

@@ -74,6 +74,38 @@ def default_data_config() -> ml_collections.ConfigDict:
   # scenes only (their own dataset folder).
   config.shapes.max_objects = 3
 
+  # Inputs of the conditional tasks made on the host (docs/conditional-data.md).
+  config.conditioning = ml_collections.ConfigDict()
+  # Super-resolution's low-res input (batch field "low_res", float32 [-1, 1]):
+  # "device_bicubic": none here, the train step resizes the image (cubic, not
+  # antialiased); "bicubic": Pillow's antialiased bicubic; "bsr": the paper's
+  # LDM-BSR degradation (blur, resize, noise, JPEG in random order).
+  config.conditioning.low_res = "device_bicubic"
+  # The low-res side is image_size / low_res_factor ("bicubic", "bsr"); it must
+  # equal the model's low-res size (concat.low_res_size, else the latent side).
+  config.conditioning.low_res_factor = 4
+  # Inpainting masks (batch field "mask", (H, W, 1), 1 = hole): "device_rectangles":
+  # none here, the train step draws rectangles; "rectangles": the same on the
+  # host; "lama": LaMa's strokes and boxes (lama_preset).
+  config.conditioning.masks = "device_rectangles"
+  # LaMa's settings for masks="lama": "train" (its training mix), or its evaluation
+  # sets "thick", "medium", "thin" (256 px) and "thick_512", "medium_512", "thin_512".
+  config.conditioning.lama_preset = "train"
+  # Layouts (the layout cond stage): N > 0 gives every example N objects (boxes,
+  # box_labels, num_objects; extra objects dropped, padding label -1), read from
+  # name.json beside each image (source "folder") or the two keys below (source
+  # "tfds"); 0 reads none (the shapes dataset keeps its own 3).
+  config.conditioning.layout_max_objects = 0
+  config.conditioning.layout_boxes_key = "objects/bbox"  # TFDS's (ymin, xmin, ymax, xmax), normalised
+  config.conditioning.layout_labels_key = "objects/label"
+  # Semantic synthesis, source "folder": a folder mirroring data.path in which
+  # <relative path without extension>.png is each image's label map ("{split}"
+  # is replaced); "" reads none.
+  config.conditioning.segmentation_folder = ""
+  # Classes of the label maps: a record holding a value >= it is skipped with an
+  # error naming its file (counted in data/skipped). 0: not checked.
+  config.conditioning.num_seg_classes = 0
+
   # Source "webdataset": tar shards as img2dataset writes them (000123.jpg +
   # 000123.txt caption and/or 000123.json metadata), named by data.path: a brace
   # pattern ('shards/{00000..00127}.tar'), a glob, or a folder of .tar files.

@@ -19,10 +19,14 @@ from absl import flags
 
 from ldm_jax.data.batching import InputIterator
 from ldm_jax.data.config import MISSING_CAPTION_POLICIES, validate_image_size
+from ldm_jax.data.degradation import LOW_RES_KINDS, LowRes
+from ldm_jax.data.folder_source import ImageFolderSource
+from ldm_jax.data.inpaint_masks import LAMA_PRESETS, MASK_KINDS, MaskGenerator
 from ldm_jax.data.preprocess import Preprocess
 from ldm_jax.data.sharding import ProcessSlice
 from ldm_jax.data.skipping import SafeRead
 from ldm_jax.data.sources import has_captions, open_source
+from ldm_jax.data.tfds_source import TfdsSource
 from ldm_jax.data.tokenizers import load_tokenizer
 from ldm_jax.data.transforms import Geometry
 
@@ -69,14 +73,16 @@ def make_iterator(
   if tokenizer is not None and not has_captions(data_config):
     raise ValueError("A tokenizer is configured but the dataset has no captions: set config.data.caption_key.")
 
-  source = open_source(data_config, split)
+  conditioning = conditioning_config(data_config)
+  preprocess = Preprocess(geometry, missing_caption, **conditional_transforms(conditioning, data_config.image_size))
+  source = open_conditional_source(data_config, split, conditioning)
   if len(source) == 0:
     raise ValueError(f"Split {split!r} of {source!r} is empty.")
   dataset = grain.MapDataset.source(SafeRead(source))
   if shuffle:
     dataset = dataset.shuffle(seed=seed)  # Reshuffles each epoch (seed + epoch).
   dataset = dataset.repeat(num_epochs)
-  dataset = dataset.random_map(Preprocess(geometry, missing_caption), seed=seed)
+  dataset = dataset.random_map(preprocess, seed=seed)
   dataset = ProcessSlice(dataset, global_batch_size, process_index, process_count)
   elements = dataset.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads))
   if data_config.num_workers > 0:
@@ -96,3 +102,64 @@ def make_iterator(
       max_length=data_config.tokenizer.max_length,
       max_skip_fraction=max_skip_fraction,
   )
+
+
+def conditioning_config(data_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``data.conditioning`` with every key (configs saved before the section existed lack some)."""
+  given = data_config.get("conditioning") or {}
+  given = given.to_dict() if isinstance(given, ml_collections.ConfigDict) else dict(given)
+  return ml_collections.ConfigDict({**_CONDITIONING_DEFAULTS, **given})
+
+
+# The defaults: today's behaviour (everything made on device, no layouts or label maps read).
+_CONDITIONING_DEFAULTS = dict(low_res="device_bicubic", low_res_factor=4, masks="device_rectangles",
+                              lama_preset="train", layout_max_objects=0, layout_boxes_key="objects/bbox",
+                              layout_labels_key="objects/label", segmentation_folder="", num_seg_classes=0)
+
+
+def conditional_transforms(conditioning: ml_collections.ConfigDict, image_size: int) -> dict:
+  """``Preprocess``'s conditional fields from ``data.conditioning``; bad values fail here, naming the key."""
+  c = conditioning
+  if c.low_res not in LOW_RES_KINDS:
+    raise ValueError(f"data.conditioning.low_res must be one of {LOW_RES_KINDS}, got {c.low_res!r}.")
+  if c.masks not in MASK_KINDS:
+    raise ValueError(f"data.conditioning.masks must be one of {MASK_KINDS}, got {c.masks!r}.")
+  if c.masks == "lama" and c.lama_preset not in LAMA_PRESETS:
+    raise ValueError(f"data.conditioning.lama_preset must be one of {sorted(LAMA_PRESETS)}, got {c.lama_preset!r}.")
+  low_res = None
+  if c.low_res != "device_bicubic":
+    factor = c.low_res_factor
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1 or image_size % factor:
+      raise ValueError(f"data.conditioning.low_res_factor must be a positive integer dividing data.image_size "
+                       f"{image_size}, got {factor!r}.")
+    low_res = LowRes(c.low_res, factor)
+  layout_max_objects = c.layout_max_objects
+  if isinstance(layout_max_objects, bool) or not isinstance(layout_max_objects, int) or layout_max_objects < 0:
+    raise ValueError(f"data.conditioning.layout_max_objects must be an integer >= 0, got {layout_max_objects!r}.")
+  if not isinstance(c.num_seg_classes, int) or c.num_seg_classes < 0:
+    raise ValueError(f"data.conditioning.num_seg_classes must be an integer >= 0, got {c.num_seg_classes!r}.")
+  return dict(low_res=low_res, masks=None if c.masks == "device_rectangles" else MaskGenerator(c.masks, c.lama_preset),
+              layout_max_objects=layout_max_objects, num_seg_classes=c.num_seg_classes)
+
+
+def open_conditional_source(data_config: ml_collections.ConfigDict, split: str,
+                            conditioning: ml_collections.ConfigDict):
+  """The configured source, reading label maps and layouts when ``data.conditioning`` asks for them."""
+  source = open_source(data_config, split)
+  read_layout = conditioning.layout_max_objects > 0
+  if conditioning.segmentation_folder and not isinstance(source, ImageFolderSource):
+    raise ValueError(f"data.conditioning.segmentation_folder needs source 'folder', not {data_config.source!r} "
+                     "(TFDS datasets name their label-map field themselves).")
+  if isinstance(source, ImageFolderSource) and (conditioning.segmentation_folder or read_layout):
+    segmentation_root = conditioning.segmentation_folder.replace("{split}", split) or None
+    return source.with_conditions(segmentation_root, read_layout)
+  if read_layout and data_config.source == "tfds" and isinstance(source, TfdsSource):
+    if not (conditioning.layout_boxes_key and conditioning.layout_labels_key):
+      raise ValueError("data.conditioning.layout_boxes_key and layout_labels_key must name the TFDS fields of the "
+                       "boxes and labels (e.g. 'objects/bbox', 'objects/label').")
+    # A fresh source of our own: read the layout fields too (see docs/conditional-data.md).
+    source.fields.update(boxes=conditioning.layout_boxes_key, box_labels=conditioning.layout_labels_key)
+  elif read_layout and data_config.source not in ("shapes", "tfds", "folder"):
+    raise ValueError(f"data.conditioning.layout_max_objects > 0 needs source 'folder', 'tfds' or 'shapes', "
+                     f"not {data_config.source!r}.")
+  return source

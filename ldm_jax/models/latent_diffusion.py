@@ -140,6 +140,11 @@ class LatentDiffusion:
       out["label"] = batch["label"]
     if self.concat_kind == "segmentation":
       out["segmentation"] = batch["segmentation"]
+    # Made by the input pipeline (data.conditioning); without them derive_inputs makes them on device.
+    if self.concat_kind == "low_res" and "low_res" in batch:
+      out["low_res"] = batch["low_res"]
+    if self.concat_kind == "inpaint" and "mask" in batch:
+      out["mask"] = batch["mask"]
     return out
 
   def null_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -175,15 +180,27 @@ class LatentDiffusion:
   def derive_inputs(self, inputs: dict[str, Any], images: jax.Array, inpaint_mask: jax.Array | None = None) -> dict:
     """Adds inputs computed from the images themselves (on device, in the step).
 
-    ``inpaint_mask`` (B, H, W, 1), 1 = hole, is required for concat kind
-    ``inpaint`` (see :func:`random_inpaint_masks`).
+    A ``low_res`` or ``mask`` already in ``inputs`` (made by the input pipeline) is
+    used as it is; otherwise the low-res image is a cubic resize of ``images`` and the
+    mask is ``inpaint_mask`` (B, H, W, 1), 1 = hole (see :func:`random_inpaint_masks`;
+    none: nothing is masked).
     """
     out = dict(inputs)
     if self.concat_kind == "low_res":
       size = self.low_res_size or images.shape[1] // self.downsample_factor
-      out["low_res"] = jax.image.resize(images, (images.shape[0], size, size, images.shape[-1]), "cubic")
+      if "low_res" in out:
+        given = tuple(out["low_res"].shape[1:])
+        if given != (size, size, images.shape[-1]):
+          raise ValueError(f"the batch's low_res is {given} per example but the model takes ({size}, {size}, "
+                           f"{images.shape[-1]}): set data.conditioning.low_res_factor to image size / {size}")
+      else:
+        out["low_res"] = jax.image.resize(images, (images.shape[0], size, size, images.shape[-1]), "cubic")
     elif self.concat_kind == "inpaint":
-      mask = inpaint_mask if inpaint_mask is not None else jnp.zeros((*images.shape[:3], 1), images.dtype)
+      mask = out.get("mask", inpaint_mask)
+      if mask is None:
+        mask = jnp.zeros((*images.shape[:3], 1), images.dtype)
+      elif tuple(mask.shape) != (*images.shape[:3], 1):
+        raise ValueError(f"inpainting masks must be (B, H, W, 1) like the images {images.shape}, got {mask.shape}")
       out["mask"], out["masked_image"] = mask, images * (1.0 - mask)
     elif self.concat_kind == "segmentation":
       out["segmentation_onehot"] = jax.nn.one_hot(out.pop("segmentation"), self.num_seg_classes, dtype=jnp.float32)
