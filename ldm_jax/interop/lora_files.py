@@ -37,6 +37,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from ldm_jax.interop import naming
 from ldm_jax.interop.diffusers_unet import diffusers_unet_to_original, original_unet_to_diffusers
@@ -127,8 +129,6 @@ def save_lora(
   Returns the file written; diffusers loads it with
   ``pipe.load_lora_weights(folder, weight_name=...)`` or the file's path.
   """
-  from safetensors.numpy import save_file
-
   path = os.fspath(path)
   if not path.endswith(".safetensors"):
     os.makedirs(path, exist_ok=True)
@@ -156,8 +156,6 @@ def load_lora(
       :class:`~ldm_jax.interop.naming.StateDictMismatchError`.
   """
   file = _lora_file(os.fspath(path))
-  from safetensors import safe_open
-
   with safe_open(file, framework="numpy") as f:
     metadata = f.metadata() or {}
   return lora_from_state_dict(read_state_dict(file), metadata, unet_model, unet_params, text_params=text_params,

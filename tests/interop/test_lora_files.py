@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 
 from ldm_jax.interop.lora_files import apply_lora_file, load_lora, lora_from_state_dict, lora_state_dict, save_lora
 from ldm_jax.interop.naming import StateDictMismatchError
+from ldm_jax.interop.pretrained import load_pretrained_pipeline
 from ldm_jax.models.clip_text import CLIPTextModel
 from ldm_jax.models.unet import UNetModel, unet_preset
 from ldm_jax.nn.lora import LoRAConfig, apply_adapters, init_adapters
@@ -128,8 +129,9 @@ def test_per_module_alphas_fold_into_up(templates, adapters):
   kohya[f"{odd}.alpha"] = np.asarray(1.5, np.float32)
   back = lora_from_state_dict(kohya, {}, UNET_FIELDS, unet)
   assert back.config.alpha == 5.0
-  params = random_tree(unet, seed=3)
-  merged = apply_adapters(params, back.unet, back.config)
+  params = random_tree({"params": {"middle_block_1": {"proj_in": unet["params"]["middle_block_1"]["proj_in"]}}}, 3)
+  odd_adapter = {"proj_in": back.unet["params"]["middle_block_1"]["proj_in"]}
+  merged = apply_adapters(params, {"params": {"middle_block_1": odd_adapter}}, back.config)
   pair = adapters[0]["params"]["middle_block_1"]["proj_in"]
   w = np.asarray(params["params"]["middle_block_1"]["proj_in"]["kernel"], np.float64)
   delta = np.tensordot(np.asarray(pair["down"], np.float64), np.asarray(pair["up"], np.float64)[0, 0], axes=1)
@@ -169,9 +171,7 @@ def test_every_problem_in_one_error(tmp_path, templates, adapters):
 def sd(tmp_path_factory):
   """A tiny random diffusers SD v1 pipeline (conv proj_in), the same loaded here, and one compiled forward."""
   pytest.importorskip("peft")
-  from sd_reference import SD_V1_LIKE, make_sd_folder
-
-  from ldm_jax.interop.pretrained import load_pretrained_pipeline
+  from sd_reference import SD_V1_LIKE, make_sd_folder  # skips without torch / diffusers
 
   root = tmp_path_factory.mktemp("sd_lora")
   ref = make_sd_folder(root, SD_V1_LIKE, seed=5)
