@@ -54,6 +54,10 @@ class Preprocess:
         caption, out[MISSING_CAPTION_KEY] = "", where
       # Datasets with several captions per image (COCO) get a random one.
       out["caption"] = caption[rng.integers(len(caption))] if isinstance(caption, list) else caption
+    if "original_size" in example:
+      # SDXL-style micro-conditioning: (h, w) before any resize; the decoded size when the source does not know it.
+      size = example["original_size"]
+      out["original_size"] = np.asarray(out["image"].shape[:2] if size is None else size, np.int32)
     for key in _INT_FIELDS:
       if key in example:
         out[key] = np.asarray(example[key], np.int32)

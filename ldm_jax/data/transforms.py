@@ -56,6 +56,9 @@ class Geometry:
       out["image"] = out["image"][:, ::-1]
       if "segmentation" in out:
         out["segmentation"] = out["segmentation"][:, ::-1]
+    if "original_size" in example:
+      # SDXL's crop conditioning: the crop's top-left in the resized image, as seen after any flip.
+      out["crop_coords"] = np.asarray([top, new_w - self.image_size - left if flip else left], np.int32)
     for key in ("image", "segmentation"):
       if key in out:
         out[key] = np.ascontiguousarray(out[key])

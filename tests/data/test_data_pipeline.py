@@ -182,8 +182,8 @@ def test_bad_settings_fail_at_start_with_a_clear_message(config):
   with pytest.raises(ValueError, match="image_size must be a positive integer"):
     make_iterator(bad, "train", global_batch_size=4, seed=0)
   bad = config.copy_and_resolve_references()
-  bad.source = "webdataset"
-  with pytest.raises(ValueError, match="Unknown data source 'webdataset'"):
+  bad.source = "lmdb"
+  with pytest.raises(ValueError, match="Unknown data source 'lmdb'"):
     make_iterator(bad, "train", global_batch_size=4, seed=0)
   bad = config.copy_and_resolve_references()
   bad.crop = "zoom"

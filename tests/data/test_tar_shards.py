@@ -312,3 +312,27 @@ def test_a_batch_end_to_end_has_the_right_images_captions_and_tokens(dataset):
     top, left = (h - 8) // 2, (w - 8) // 2
     reference = resized[top:top + 8, left:left + 8].astype(np.float64) / 127.5 - 1
     np.testing.assert_allclose(batch["image"][n], reference, atol=1e-6)
+
+
+def test_batches_carry_original_size_and_crop_coords_for_micro_conditioning(tmp_path):
+  rng = np.random.default_rng(6)
+  # 8 px high: nothing is resized, so each output is exactly a window of the (maybe flipped) stored image.
+  pixels = [rng.integers(0, 256, (8, 24 + 2 * i, 3), dtype=np.uint8) for i in range(8)]
+  originals = [(100 + i, 300 + i) if i % 2 else None for i in range(8)]
+  _write_tar(tmp_path / "0.tar", [
+      (f"k{i}", {"png": _encode(p, "PNG"), **({"json": json.dumps(
+          {"original_height": o[0], "original_width": o[1]}).encode()} if o else {"txt": b"c"})})
+      for i, (p, o) in enumerate(zip(pixels, originals))])
+  config = _config(tmp_path, image_size=8, crop="random", random_flip=True)
+  batch = next(make_iterator(config, "train", global_batch_size=8, seed=0, shuffle=False))
+  assert batch["original_size"].dtype == batch["crop_coords"].dtype == np.int32
+  assert batch["original_size"].shape == batch["crop_coords"].shape == (8, 2)
+  flips = []
+  for i, (p, o) in enumerate(zip(pixels, originals)):
+    assert tuple(batch["original_size"][i]) == (o or p.shape[:2])  # the .json's, else the decoded size
+    top, left = batch["crop_coords"][i]
+    got = np.round((batch["image"][i] + 1) * 127.5).astype(np.uint8)
+    matches = [np.array_equal(view[top:top + 8, left:left + 8], got) for view in (p, p[:, ::-1])]
+    assert top == 0 and sum(matches) == 1, (i, top, left, matches)
+    flips.append(matches[1])
+  assert 0 < sum(flips) < 8  # both cases were seen
