@@ -150,6 +150,11 @@ def _base() -> ml_collections.ConfigDict:
   return c
 
 
+def base_config() -> ml_collections.ConfigDict:
+  """The base every stage-2 family starts from (``configs/sd_finetune.py`` too)."""
+  return _base()
+
+
 def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> None:
   """Applies one table entry: sections merge key by key (``ConfigDict.update``).
 

@@ -138,4 +138,4 @@ def random_first_stage(section: ml_collections.ConfigDict, image_size: int, *,
 
 def _encode_decode(module, x):
   z = module.encode(x)
-  return module.decode(z.mean if hasattr(z, "mean") else z)
+  return module.decode(z if isinstance(z, jax.Array) else z.mean)  # a VQ's latent is an array (with a .mean method)

@@ -11,6 +11,7 @@ import ml_collections
 
 from ldm_jax.assembly import build_model
 from ldm_jax.interop.feature_nets import make_feature_net
+from ldm_jax.interop.finetune import start_from_pretrained, unet_init_params
 from ldm_jax.interop.load import first_stage_for, frozen_cond_variables
 from ldm_jax.interop.lpips import load_lpips_params
 from ldm_jax.training import train_autoencoder, train_ldm
@@ -43,12 +44,19 @@ def train_first_stage(config: ml_collections.ConfigDict, workdir: str) -> train_
 
 def train_latent_diffusion(config: ml_collections.ConfigDict, workdir: str) -> train_ldm.TrainResult:
   check(config)
-  first_stage = first_stage_for(config)
-  model = build_model(config, first_stage.model_config, first_stage.scale_factor)
+  if config.get("pretrained") is not None and config.pretrained.path:
+    start = start_from_pretrained(config)  # one read of the published model: config and weights
+    config, first_stage, cond_variables = start.config, start.first_stage, start.cond_variables
+    model = build_model(config, first_stage.model_config, first_stage.scale_factor)
+    unet_params = start.unet_params if start.unet_params is not None else unet_init_params(config, model)
+  else:
+    first_stage = first_stage_for(config)
+    model = build_model(config, first_stage.model_config, first_stage.scale_factor)
+    cond_variables, unet_params = frozen_cond_variables(model, config), unet_init_params(config, model)
   feature_net = None
   if config.get("eval") is not None and config.eval.every > 0:
     e = config.eval
     feature_net = make_feature_net(e.feature_net, inception_weights=e.inception_weights,
                                    judge_weights=e.judge_weights, flag_prefix="config.eval.")
-  return train_ldm.train(config, workdir, first_stage=first_stage, cond_variables=frozen_cond_variables(model, config),
-                         feature_net=feature_net)
+  return train_ldm.train(config, workdir, first_stage=first_stage, cond_variables=cond_variables,
+                         unet_params=unet_params, feature_net=feature_net)

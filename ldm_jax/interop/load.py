@@ -5,8 +5,9 @@ or pipeline out.
   directory (its latest checkpoint; EMA weights by default), a pipeline
   converted to our orbax format, a diffusers folder or an original Stable
   Diffusion / LDM file.
-- :func:`load_first_stage`: a trained autoencoder from a stage-1 run
-  directory (or a stage-2 run's ``first_stage`` copy).
+- :func:`load_first_stage`: an autoencoder from a stage-1 run directory, a
+  stage-2 run's ``first_stage`` copy, a diffusers folder, an original SD /
+  LDM file or the paper's first-stage checkpoints.
 - :func:`first_stage_for` / :func:`frozen_cond_variables`: the pretrained
   parts a stage-2 config names, for the trainer.
 """
@@ -19,8 +20,10 @@ import ml_collections
 from ldm_jax.assembly import FirstStageWeights, random_first_stage
 from ldm_jax.interop import orbax_format
 from ldm_jax.interop.pretrained import load_pretrained_pipeline
+from ldm_jax.interop.published_first_stage import is_published_first_stage, load_published_first_stage
 from ldm_jax.interop.run_dirs import frozen_cond_variables, is_run_dir, load_first_stage_run, load_ldm_run
 from ldm_jax.models.autoencoder import AutoencoderKL
+from ldm_jax.models.first_stage import make_first_stage
 from ldm_jax.models.vq import VQModel
 from ldm_jax.pipeline import LDMPipeline
 from ldm_jax.training.first_stage_copy import is_first_stage_copy, load_first_stage_copy
@@ -44,19 +47,27 @@ def load_pipeline(path: str, *, use_ema: bool = True, mesh=None, compute_dtype: 
 
 def load_first_stage(
     path: str | os.PathLike, *, model_config: dict | None = None, step: int | None = None,
-    sharding: jax.sharding.Sharding | None = None,
+    sharding: jax.sharding.Sharding | None = None, config: str | dict | None = None,
 ) -> tuple[AutoencoderKL | VQModel, dict, float, dict]:
   """``(model, variables, scale_factor, model_config)`` of a trained first stage.
 
   Args:
-    path: a stage-1 run directory (or its ``checkpoints`` folder), or a
-      stage-2 run's ``first_stage`` copy.
+    path: a stage-1 run directory (or its ``checkpoints`` folder), a
+      stage-2 run's ``first_stage`` copy, or a published checkpoint (see
+      ``ldm_jax.interop.published_first_stage``).
     model_config: ``{kind, embed_dim, n_embed, ddconfig}`` to build instead
       of the stored one (e.g. a stage-2 config's ``first_stage``); arrays
       that do not fit it are named in one error.
     step: the checkpoint to read (default: the latest).
     sharding: where to place the weights (default: the first local device).
+    config: a published file's reference YAML (default: the one beside it).
   """
+  path = os.path.expanduser(os.fspath(path))
+  if not is_run_dir(path) and (os.path.isfile(path) or is_published_first_stage(path)):
+    if model_config is not None or step is not None:
+      raise ValueError(f"{path} is a published checkpoint: model_config and step apply to run directories")
+    variables, section, scale = load_published_first_stage(path, config=config)
+    return make_first_stage(section), variables, scale, section
   if os.path.isdir(path) and is_first_stage_copy(os.fspath(path)) and model_config is None and step is None:
     return load_first_stage_copy(os.fspath(path))
   return load_first_stage_run(path, model_config=model_config, step=step, sharding=sharding)
@@ -65,12 +76,14 @@ def load_first_stage(
 def first_stage_for(config: ml_collections.ConfigDict) -> FirstStageWeights:
   """The frozen first stage that ``config.first_stage`` names.
 
-  ``checkpoint`` names a stage-1 run directory; ``random_init=True`` with a
-  ``model`` section gives an untrained one (tests and benchmarks only).
+  ``checkpoint`` names a stage-1 run directory or a published checkpoint
+  (with ``config``, its reference YAML, where it is not beside the file);
+  ``random_init=True`` with a ``model`` section gives an untrained one
+  (tests and benchmarks only).
   """
   section = config.first_stage
   if section.checkpoint:
-    _, variables, scale, model_config = load_first_stage(section.checkpoint)
+    _, variables, scale, model_config = load_first_stage(section.checkpoint, config=section.get("config") or None)
     return FirstStageWeights(variables, model_config, scale)
   if section.get("random_init", False):
     return random_first_stage(section, config.data.image_size)

@@ -32,7 +32,6 @@ from ldm_jax.interop.diffusers_unet import diffusers_unet_to_original, unet_fiel
 from ldm_jax.interop.diffusers_vae import diffusers_vae_to_original, first_stage_from_diffusers_config
 from ldm_jax.interop.weights import read_state_dict
 from ldm_jax.models.build import build_latent_diffusion
-from ldm_jax.models.first_stage import make_first_stage
 from ldm_jax.pipeline import LDMPipeline
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -176,7 +175,7 @@ def _single_file_parts(path: str, *, use_ema: bool, config, tokenizer: str | Non
     config = ldm_config.read_yaml(config)
   if config is not None and ldm_config.is_first_stage_config(config):
     raise ValueError(f"{path} is a first-stage autoencoder, not a diffusion model: load it with "
-                     "ldm_jax.interop.pretrained.load_first_stage(path, config)")
+                     "first_stage.checkpoint (ldm_jax.interop.load.load_first_stage)")
   if config is not None:
     parts = ldm_config.sections_from_ldm_config(config)
   elif any(k.startswith(ldm_config.UNET_PREFIX) for k in state):
@@ -298,15 +297,8 @@ def pipeline_from_parts(parts: dict[str, Any], model, tok, max_length: int, para
 def weight_templates(model, max_length: int) -> dict[str, Any]:
   """Abstract variables (shapes only) of every component."""
   key = jax.random.key(0)
-  f = model.downsample_factor
-  unet = model.unet
-  x = jax.ShapeDtypeStruct((1, 2 * f, 2 * f, unet.in_channels), np.float32)
-  ctx = jax.ShapeDtypeStruct((1, max_length, unet.context_dim), np.float32) if unet.context_dim else None
-  y = jax.ShapeDtypeStruct((1,), np.int32) if unet.num_classes else None
-  out = {
-      "unet": jax.eval_shape(lambda x, c, y: unet.init(key, x, np.zeros((1,), np.float32), c, y), x, ctx, y),
-      "first_stage": _first_stage_template(model.first_stage),
-  }
+  out = {"unet": unet_template(model.unet, model.downsample_factor),
+         "first_stage": first_stage_template(model.first_stage)}
   if model.cond_stage.module is not None:
     example = np.zeros((1,), np.int32) if model.cond_stage.kind == "class" else np.zeros((1, max_length), np.int32)
     out["cond"] = jax.eval_shape(model.cond_stage.module.init, key, example)
@@ -318,7 +310,16 @@ def weight_templates(model, max_length: int) -> dict[str, Any]:
   return out
 
 
-def _first_stage_template(first_stage) -> Any:
+def unet_template(unet, downsample_factor: int) -> Any:
+  """Abstract UNet variables (their shapes do not depend on the input's size or context length)."""
+  f = downsample_factor
+  x = jax.ShapeDtypeStruct((1, 2 * f, 2 * f, unet.in_channels), np.float32)
+  ctx = jax.ShapeDtypeStruct((1, 1, unet.context_dim), np.float32) if unet.context_dim else None
+  y = jax.ShapeDtypeStruct((1,), np.int32) if unet.num_classes else None
+  return jax.eval_shape(lambda x, c, y: unet.init(jax.random.key(0), x, np.zeros((1,), np.float32), c, y), x, ctx, y)
+
+
+def first_stage_template(first_stage) -> Any:
   """Abstract encoder + decoder variables of a KL or VQ first stage."""
   def encode_decode(m, x):
     out = m.encode(x)
@@ -327,19 +328,6 @@ def _first_stage_template(first_stage) -> Any:
   f = first_stage.downsample_factor
   x = jax.ShapeDtypeStruct((1, 2 * f, 2 * f, first_stage.ddconfig.get("in_channels", 3)), np.float32)
   return jax.eval_shape(lambda x: first_stage.init(jax.random.key(0), x, method=encode_decode), x)
-
-
-def load_first_stage(path: str, config: str | Mapping[str, Any]):
-  """(model, variables) of a paper first-stage checkpoint (kl-f8, vq-f4, ...) with its YAML config."""
-  config = ldm_config.read_yaml(config) if isinstance(config, str) else config
-  section = ldm_config.first_stage_section(config["model"] if ldm_config.is_first_stage_config(config)
-                                           else config["model"]["params"]["first_stage_config"])
-  model = make_first_stage(section)
-  state = read_state_dict(path)
-  prefix = ldm_config.VAE_PREFIX if any(k.startswith(ldm_config.VAE_PREFIX) for k in state) else ""
-  variables = naming.torch_to_flax(state, _first_stage_template(model), strip_prefix=prefix,
-                                   ignore=(r"^loss\.",), what=path)
-  return model, variables
 
 
 def _load_tokenizer(folder: str | None, kind: str):

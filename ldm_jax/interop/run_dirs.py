@@ -13,11 +13,13 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
 from ldm_jax.assembly import build_model, example_inputs, schedule_from_config, step_config
 from ldm_jax.data.tokenizers import load_tokenizer
 from ldm_jax.interop.cond_stage import cond_stage_variables
+from ldm_jax.interop.pretrained import load_pretrained_pipeline
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.first_stage import make_first_stage
 from ldm_jax.models.latent_diffusion import LatentDiffusion
@@ -27,6 +29,7 @@ from ldm_jax.training import ldm_step
 from ldm_jax.training.checkpoint import Checkpointer, restore_subtree
 from ldm_jax.training.first_stage_copy import load_first_stage_copy
 from ldm_jax.training.first_stage_io import AE_PARAMS_PATH, STAGE
+from ldm_jax.training.lora import lora_config, model_params
 
 
 def is_run_dir(path: str) -> bool:
@@ -52,10 +55,8 @@ def load_first_stage_run(
   """
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if os.path.isfile(path):
-    raise NotImplementedError(
-        f"{path} is a file: loading pretrained first stages (original LDM .ckpt, diffusers "
-        "files) is not supported here; pass a stage-1 run directory (train.py --workdir)"
-    )
+    raise ValueError(f"{path} is a file, not a stage-1 run directory: published first stages load through "
+                     "ldm_jax.interop.load.load_first_stage")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no stage-1 run directory at {path!r}")
   return _load_run(path, model_config, step, sharding)
@@ -115,6 +116,17 @@ def frozen_cond_variables(model: LatentDiffusion, config: ml_collections.ConfigD
   return cond_stage_variables(model.cond_stage, jax.random.key(0), tokens)
 
 
+def pretrained_unet(source: str, *, use_ema: bool = True, prediction_type: str | None = None) -> Any:
+  """The UNet variables of a run directory or a published checkpoint (host arrays)."""
+  if not os.path.exists(source):
+    raise FileNotFoundError(f"the pretrained UNet {source!r} does not exist")
+  if is_run_dir(source):
+    pipeline = load_ldm_run(source, use_ema=use_ema)
+  else:
+    pipeline = load_pretrained_pipeline(source, use_ema=use_ema, prediction_type=prediction_type)
+  return jax.device_get(pipeline.params["unet"])
+
+
 def load_ldm_run(path: str, *, use_ema: bool = True, mesh=None, compute_dtype: str | None = None) -> LDMPipeline:
   """The pipeline of a stage-2 run directory's latest checkpoint (EMA weights by default)."""
   checkpointer = Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
@@ -145,15 +157,18 @@ def load_ldm_run(path: str, *, use_ema: bool = True, mesh=None, compute_dtype: s
   # CPU devices, sample.py may run on one); the pipeline then places them on its own mesh.
   example = example_inputs(model, config)
   side = config.data.image_size // model.downsample_factor
-  cond_shapes = ldm_step.conditioning_shapes(model, example, frozen)
-  abstract = jax.eval_shape(
-      lambda rng: ldm_step.init_params(model, rng, example, cond_shapes, (1, side, side, model.latent_channels)),
-      jax.random.key(0),
-  )
+  lora = lora_config(config)
+  if lora is not None:  # a LoRA run saved adapters: the UNet they adapt is the one it started from
+    frozen["unet"] = pretrained_unet(config.pretrained.unet_from, use_ema=config.pretrained.weights == "ema",
+                                     prediction_type=config.pretrained.prediction_type or None)
+  init_fn = ldm_step.make_init_fn(model, optax.identity(), step_config(config), example, frozen,
+                                  (1, side, side, model.latent_channels), lora)
+  abstract = jax.eval_shape(init_fn, jax.random.key(0)).params
   key = "ema_params" if use_ema and step_config(config).ema_decay > 0 else "params"
   device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
   params = restore_subtree(checkpointer.directory, step, (key,), abstract, device, what=f"the LDM's {key}")
   checkpointer.close()
+  params = model_params(params, frozen, lora)
   return LDMPipeline(
       model, params, frozen, schedule_from_config(config.diffusion), tokenizer, max_length,
       config.diffusion.prediction_type, config.data.image_size, mesh,

@@ -12,12 +12,15 @@ import ml_collections
 
 from ldm_jax.config import ConfigError
 from ldm_jax.data.config import SOURCES
+from ldm_jax.data.tar_shards import resolve_tar_shards
 from ldm_jax.diffusion.losses import LOSS_TYPES, WEIGHTINGS, check_timestep_sampling
 from ldm_jax.diffusion.parameterization import canonical_prediction_type
 from ldm_jax.diffusion.schedules import make_beta_schedule
 from ldm_jax.parallel.mesh import AXES, BATCH_AXES, resolve_shape
+from ldm_jax.training.optim import LAMBDA_SCHEDULES, LR_SCHEDULES
 
-LR_SCHEDULES = ("constant", "cosine", "linear")
+PRETRAINED_WEIGHTS = ("ema", "raw")
+EXTRA_IN_CHANNELS = ("error", "zeros")
 
 
 def check_training_config(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
@@ -28,7 +31,11 @@ def check_training_config(config: ml_collections.ConfigDict, num_devices: int, n
   _check_data(config.data)
   _check_mesh(config, num_devices, num_processes)
   if config.stage == "ldm":
-    _check_first_stage(config.first_stage)
+    pretrained = config.get("pretrained")
+    if pretrained is not None:
+      check_pretrained_config(pretrained)
+    if pretrained is None or not pretrained.path:  # else the first stage comes with the published model
+      _check_first_stage(config.first_stage)
     _check_diffusion(config.diffusion)
 
 
@@ -64,6 +71,11 @@ def _check_optimizer(optim: ml_collections.ConfigDict) -> None:
     _require(optim.schedule in LR_SCHEDULES, "optim.schedule", optim.schedule, f"one of {LR_SCHEDULES}")
   if "warmup_steps" in optim:
     _require(optim.warmup_steps >= 0, "optim.warmup_steps", optim.warmup_steps, "an integer >= 0")
+  if optim.get("schedule") in LAMBDA_SCHEDULES:
+    _require(optim.warmup_steps >= 1, "optim.warmup_steps", optim.warmup_steps,
+             f"an integer >= 1 for the {optim.schedule} schedule")
+    _require(optim.cycle_length > optim.warmup_steps, "optim.cycle_length", optim.cycle_length,
+             f"more than optim.warmup_steps={optim.warmup_steps}")
 
 
 def _check_data(data: ml_collections.ConfigDict) -> None:
@@ -73,6 +85,18 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
     _require(bool(data.path), "data.path", data.path, f"a path to the dataset (source {data.source!r})")
     _require(bool(data.path) and os.path.exists(data.path.split(",")[0]), "data.path", data.path,
              "an existing path")
+  if data.source == "webdataset":
+    _require(bool(data.path), "data.path", data.path, "tar shards, e.g. 'shards/{00000..00127}.tar'")
+    try:
+      resolve_tar_shards(data.path, data.train_split)  # globbing only: cheap
+    except (FileNotFoundError, ValueError) as e:
+      raise ConfigError(f"config.data.path={data.path!r}: {e}") from None
+    section = data.get("webdataset")
+    if section is not None:
+      _require(isinstance(section.min_size, int) and section.min_size >= 0, "data.webdataset.min_size",
+               section.min_size, "an integer >= 0 (0: off)")
+      _require(section.max_aspect_ratio == 0 or section.max_aspect_ratio >= 1, "data.webdataset.max_aspect_ratio",
+               section.max_aspect_ratio, "0 (off) or a ratio >= 1")
 
 
 def _check_mesh(config: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
@@ -87,10 +111,24 @@ def _check_mesh(config: ml_collections.ConfigDict, num_devices: int, num_process
   _require(batch % num_processes == 0, "train.batch_size", batch, f"a multiple of the process count {num_processes}")
 
 
+def check_pretrained_config(p: ml_collections.ConfigDict) -> None:
+  for key in ("path", "unet_from", "tokenizer"):
+    if p.get(key):
+      _require(os.path.exists(p[key]), f"pretrained.{key}", p[key], "an existing file or folder")
+  _require(p.weights in PRETRAINED_WEIGHTS, "pretrained.weights", p.weights, f"one of {PRETRAINED_WEIGHTS}")
+  _require(p.extra_in_channels in EXTRA_IN_CHANNELS, "pretrained.extra_in_channels", p.extra_in_channels,
+           f"one of {EXTRA_IN_CHANNELS}")
+  if p.prediction_type:
+    try:
+      canonical_prediction_type(p.prediction_type)
+    except ValueError as e:
+      raise ConfigError(f"config.pretrained.prediction_type: {e}") from None
+
+
 def _check_first_stage(section: ml_collections.ConfigDict) -> None:
   if section.checkpoint:
     _require(os.path.exists(section.checkpoint), "first_stage.checkpoint", section.checkpoint,
-             "an existing stage-1 run directory")
+             "an existing stage-1 run directory or published checkpoint")
   else:
     _require(bool(section.get("random_init", False)), "first_stage.checkpoint", section.checkpoint,
              "a stage-1 run directory (train one with configs/autoencoder.py), or random_init=True for tests")

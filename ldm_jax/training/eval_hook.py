@@ -19,8 +19,10 @@ from ldm_jax.diffusion.config import SamplerConfig
 from ldm_jax.evaluation import image_sources, statistics
 from ldm_jax.evaluation.feature_metrics import frechet_distance
 from ldm_jax.evaluation.feature_nets import FeatureNet
+from ldm_jax.nn.lora import LoRAConfig
 from ldm_jax.pipeline import LDMPipeline
 from ldm_jax.training.loop import Hook
+from ldm_jax.training.lora import model_params
 from ldm_jax.training.metrics_writer import MetricWriter
 
 
@@ -34,9 +36,11 @@ class EvalHook:
   eval_config: ml_collections.ConfigDict
   guidance_scale: float
   writer: MetricWriter
+  lora: LoRAConfig | None = None
 
   def __call__(self, step: int, state) -> dict[str, float]:
-    self.pipeline.params = state.ema_params if state.ema_params is not None else state.params
+    trained = state.ema_params if state.ema_params is not None else state.params
+    self.pipeline.params = model_params(trained, self.pipeline.frozen, self.lora)
     e = self.eval_config
     batches = image_sources.sample_batches(
         self.pipeline, self.conditions, num=e.num_samples, batch_size=e.batch_size, sampler=self.sampler,
@@ -49,7 +53,7 @@ class EvalHook:
 
 
 def make_eval_hook(config: ml_collections.ConfigDict, pipeline: LDMPipeline, writer: MetricWriter,
-                   sampler: SamplerConfig, net: FeatureNet) -> Hook:
+                   sampler: SamplerConfig, net: FeatureNet, lora: LoRAConfig | None = None) -> Hook:
   """The hook for ``config.eval`` (``every`` > 0) with the feature network
   ``net`` of ``config.eval.feature_net``; reads or computes the reference
   statistics now."""
@@ -75,5 +79,5 @@ def make_eval_hook(config: ml_collections.ConfigDict, pipeline: LDMPipeline, wri
       num_classes=num_classes)
   guidance = e.guidance_scale if e.guidance_scale >= 0 else config.sample.guidance_scale
   sampler = dataclasses.replace(sampler, num_steps=e.num_steps, sampler=e.sampler)
-  hook = EvalHook(pipeline, extract, real_stats, conditions, sampler, e, guidance, writer)
+  hook = EvalHook(pipeline, extract, real_stats, conditions, sampler, e, guidance, writer, lora)
   return Hook(e.every, hook, "eval")

@@ -19,8 +19,10 @@ from ldm_jax.diffusion.parameterization import q_sample
 from ldm_jax.diffusion.schedules import DiffusionSchedule
 from ldm_jax.models.autoencoder import DiagonalGaussian
 from ldm_jax.models.latent_diffusion import LatentDiffusion, random_inpaint_masks
+from ldm_jax.nn.lora import LoRAConfig, init_adapters
 from ldm_jax.training.ema import ema_update
 from ldm_jax.training.loop import global_norm
+from ldm_jax.training.lora import model_params
 from ldm_jax.training.state import TrainState
 
 
@@ -97,12 +99,18 @@ def latents_of(model: LatentDiffusion, batch: dict, frozen: Any, posterior_noise
 
 
 def make_train_step(
-    model: LatentDiffusion, schedule: DiffusionSchedule, tx: optax.GradientTransformation, cfg: LDMStepConfig
+    model: LatentDiffusion, schedule: DiffusionSchedule, tx: optax.GradientTransformation, cfg: LDMStepConfig,
+    lora: LoRAConfig | None = None,
 ):
-  """``step(state, batch, rng, frozen) -> (state, metrics)`` for the shared loop."""
+  """``step(state, batch, rng, frozen) -> (state, metrics)`` for the shared loop.
+
+  With ``lora``, ``state.params["lora"]`` are adapters of the frozen
+  ``frozen["unet"]`` (see ``ldm_jax.training.lora``).
+  """
   T = schedule.num_timesteps
 
-  def loss_fn(params, batch, draws, frozen, rng):
+  def loss_fn(trained, batch, draws, frozen, rng):
+    params = model_params(trained, frozen, lora)
     z0 = latents_of(model, batch, frozen, draws["posterior_noise"])
     inputs = {k: v for k, v in batch.items() if k not in ("image", "latent_mean", "latent_logvar")}
     if "image" in batch:
@@ -157,12 +165,25 @@ def make_train_step(
   return step
 
 
-def make_init_fn(model: LatentDiffusion, tx, cfg: LDMStepConfig, example_inputs: dict, frozen: Any, latent_shape):
-  """``init(rng) -> TrainState`` (pure, so the loop can jit it sharded)."""
+def make_init_fn(model: LatentDiffusion, tx, cfg: LDMStepConfig, example_inputs: dict, frozen: Any, latent_shape,
+                 lora: LoRAConfig | None = None):
+  """``init(rng[, unet]) -> TrainState`` (pure, so the loop can jit it sharded).
+
+  ``unet``: the UNet's starting weights (fine-tuning), an argument so that
+  they never become constants of the program; the EMA starts from them too.
+  With ``lora``, fresh adapters of ``frozen["unet"]`` instead of a UNet.
+  """
   cond_shapes = conditioning_shapes(model, example_inputs, frozen)
 
-  def init(rng):
+  def init(rng, unet=None):
+    if lora is not None:
+      k_enc, k_lora = jax.random.split(rng)
+      params = encoder_params(model, k_enc, example_inputs)
+      params["lora"] = init_adapters(frozen["unet"], lora, k_lora)
+      return TrainState.create(params, tx, ema=cfg.ema_decay > 0)
     params = init_params(model, rng, example_inputs, cond_shapes, latent_shape)
+    if unet is not None:  # the random UNet above is dead code then, removed by the compiler
+      params["unet"] = jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), unet, params["unet"])
     return TrainState.create(params, tx, ema=cfg.ema_decay > 0)
 
   return init

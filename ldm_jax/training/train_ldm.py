@@ -31,12 +31,14 @@ from ldm_jax.data.image_io import make_grid, save_png
 from ldm_jax.data.tokenizers import load_tokenizer
 from ldm_jax.evaluation.feature_nets import FeatureNet
 from ldm_jax.models.latent_diffusion import LatentDiffusion
+from ldm_jax.nn.lora import LoRAConfig
 from ldm_jax.parallel.mesh import batch_sharding, check_batch_size, make_mesh
 from ldm_jax.pipeline import LDMPipeline
 from ldm_jax.training import latent_cache, ldm_step
 from ldm_jax.training.eval_hook import make_eval_hook
 from ldm_jax.training.first_stage_copy import copy_differs, save_first_stage_copy
 from ldm_jax.training.loop import Hook, LoopConfig, TrainResult, data_counters, train_loop
+from ldm_jax.training.lora import lora_config, model_params
 from ldm_jax.training.metrics_writer import MetricWriter
 from ldm_jax.training.optim import make_optimizer
 
@@ -52,8 +54,11 @@ class SampleGridHook:
   workdir: str
   writer: MetricWriter
 
+  lora: LoRAConfig | None = None
+
   def __call__(self, step: int, state) -> None:
-    self.pipeline.params = state.ema_params if state.ema_params is not None else state.params
+    trained = state.ema_params if state.ema_params is not None else state.params
+    self.pipeline.params = model_params(trained, self.pipeline.frozen, self.lora)
     s = self.config.sample
     kw = dict(sampler=sampler_config(self.config), guidance_scale=s.guidance_scale, seed=s.seed)
     if s.prompts:
@@ -94,13 +99,15 @@ def _forget_old_first_stage(workdir: str, what: str, source: str) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, first_stage: FirstStageWeights,
-          cond_variables: Any = None, feature_net: FeatureNet | None = None) -> TrainResult:
+          cond_variables: Any = None, unet_params: Any = None,
+          feature_net: FeatureNet | None = None) -> TrainResult:
   """Trains (or resumes) the stage-2 model of ``config`` in ``workdir``.
 
   The weights it starts from are read by the caller (``ldm_jax.apps.train``
   through ``ldm_jax.interop``): the frozen ``first_stage``, the frozen
-  conditioning encoder's ``cond_variables`` (None: none, or trained here) and,
-  with ``config.eval``, the ``feature_net`` of its FID.
+  conditioning encoder's ``cond_variables`` (None: none, or trained here),
+  the UNet's starting ``unet_params`` (None: random; unused when resuming)
+  and, with ``config.eval``, the ``feature_net`` of its FID.
   """
   # Mesh.
   mesh = make_mesh(config.mesh)
@@ -126,6 +133,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, first_stage: First
   frozen = {"first_stage": fs_variables}
   if cond_variables is not None:
     frozen["cond"] = cond_variables
+  lora = lora_config(config)
+  if lora is not None:  # the pretrained UNet stays frozen; only adapters are trained
+    if unet_params is None:
+      raise ValueError("lora.rank > 0 trains adapters of a pretrained UNet: set pretrained.path or "
+                       "pretrained.unet_from")
+    frozen["unet"], unet_params = unet_params, None
   schedule = schedule_from_config(config.diffusion)
 
   # Input.
@@ -159,19 +172,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, first_stage: First
 
   # State and step.
   tx, _ = make_optimizer(config.optim, config.train.num_steps, config.train.batch_size)
-  init_fn = ldm_step.make_init_fn(model, tx, step_cfg, example, frozen, latent_shape)
-  step_fn = ldm_step.make_train_step(model, schedule, tx, step_cfg)
+  init_fn = ldm_step.make_init_fn(model, tx, step_cfg, example, frozen, latent_shape, lora)
+  step_fn = ldm_step.make_train_step(model, schedule, tx, step_cfg, lora)
 
   # Hooks.
   hooks = []
   if config.train.sample_every > 0 and (config.sample.prompts or config.sample.labels):
     pipeline = LDMPipeline(model, None, frozen, schedule, tokenizer, config.data.tokenizer.max_length,
                            config.diffusion.prediction_type, config.data.image_size, mesh)
-    hooks.append(Hook(config.train.sample_every, SampleGridHook(pipeline, config, workdir, writer), "samples"))
+    hooks.append(Hook(config.train.sample_every, SampleGridHook(pipeline, config, workdir, writer, lora), "samples"))
   if config.get("eval") is not None and config.eval.every > 0:
     eval_pipeline = LDMPipeline(model, None, frozen, schedule, tokenizer, config.data.tokenizer.max_length,
                                 config.diffusion.prediction_type, config.data.image_size, mesh)
-    hooks.append(make_eval_hook(config, eval_pipeline, writer, sampler_config(config), feature_net))
+    hooks.append(make_eval_hook(config, eval_pipeline, writer, sampler_config(config), feature_net, lora))
 
   meta = {
       "config": json.loads(json.dumps(config.to_dict(), default=str)),
@@ -190,6 +203,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, first_stage: First
   result = train_loop(
       workdir=workdir, mesh=mesh, cfg=loop_cfg, init_fn=init_fn, step_fn=step_fn, batches=batches,
       data_iterator=iterator, rng=rng, hooks=hooks, meta=meta, writer=writer, frozen=frozen,
+      init_args=() if unet_params is None else (unet_params,),
   )
   writer.close()
   return result

@@ -20,7 +20,7 @@ AE = "configs/autoencoder.py:kl_f4,tiny"
     (LDM, "optim.learning_rate", -1e-4, r"config.optim.learning_rate=-0.0001 is invalid: expected a finite number > 0"),
     (LDM, "optim.learning_rate", float("nan"), r"config.optim.learning_rate=nan is invalid"),
     (LDM, "seed", -1, r"config.seed=-1 is invalid: expected an integer >= 0"),
-    (LDM, "data.source", "webdataset", r"config.data.source='webdataset' is invalid: expected one of \('shapes'"),
+    (LDM, "data.source", "lmdb", r"config.data.source='lmdb' is invalid: expected one of \('shapes'"),
     (LDM, "diffusion.prediction_type", "bogus", r"config.diffusion: unknown prediction_type 'bogus'"),
     (LDM, "diffusion.loss_type", "huber", r"config.diffusion.loss_type='huber' is invalid: expected one of"),
     (LDM, "mesh.shape", (3, 1, 1), r"config.mesh.shape: .*needs 3 devices but 8 are available"),
