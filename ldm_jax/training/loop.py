@@ -39,6 +39,8 @@ from ldm_jax.training.metrics_writer import MetricWriter
 # Metric added to every step's: 1 when the updated state (params, EMA,
 # optimiser moments) holds no NaN/Inf. Checked, never logged.
 STATE_FINITE = "state_finite"
+# Key of the step's float/bool scalar metrics, packed into one vector (see ``jit_step``).
+PACKED = "_packed_scalars"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -125,25 +127,43 @@ def jit_step(step_fn: Callable, mesh: Mesh, state_shardings: Any, batch: dict, f
   """``jit(step)(state, batch, base_rng, frozen)``: the rng is folded with the
   step, the state donated, and every argument's layout pinned.
 
+  Its float and bool scalar metrics come back packed in one float32 vector
+  (``unpack_metrics(fetched, jitted.metric_names)`` names them again).
+
   ``in_shardings`` fix the layout the step is compiled for (state by the
   partition rules, batch split over the data-parallel axes, frozen weights
   where they already are): an argument placed otherwise fails loudly
   instead of being resharded every step.
   """
 
+  names: list[str] = []  # of the packed metrics, in order; filled when the step is traced
+
   def folded_step(state, batch, base_rng, frozen):
     state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, state.step), frozen)
     # The loss is computed before the update, so it cannot vouch for the state being saved.
-    return state, {**metrics, STATE_FINITE: ckpt_lib.all_finite(state)}
+    metrics = {**metrics, STATE_FINITE: ckpt_lib.all_finite(state)}
+    # Float and bool scalars travel as one vector: one device-to-host copy per step at the flush, not one each.
+    names[:] = sorted(k for k, v in metrics.items() if jnp.ndim(v) == 0 and not jnp.issubdtype(
+        jnp.result_type(v), jnp.integer))
+    packed = jnp.stack([jnp.asarray(metrics.pop(k), jnp.float32) for k in names])
+    return state, {**metrics, PACKED: packed}
 
   batch_shardings = jax.tree.map(lambda a: batch_sharding(mesh, np.ndim(a)), batch)
   frozen_shardings = None if frozen is None else jax.tree.map(lambda a: a.sharding, frozen)
-  return jax.jit(
+  jitted = jax.jit(
       folded_step,
       in_shardings=(state_shardings, batch_shardings, replicated(mesh), frozen_shardings),
       out_shardings=(state_shardings, replicated(mesh)),
       donate_argnums=(0,),
   )
+  jitted.metric_names = names
+  return jitted
+
+
+def unpack_metrics(metrics: dict, names: Sequence[str]) -> dict:
+  """A fetched metrics dict of ``jit_step``'s with its packed scalars back under their names (as floats)."""
+  metrics = dict(metrics)
+  return {**dict(zip(names, np.asarray(metrics.pop(PACKED)).tolist())), **metrics}
 
 
 def _nanmean(values) -> float:
@@ -278,7 +298,7 @@ def train_loop(
     nonlocal pending, t_last, steps_since, last_metrics
     if not pending:
       return
-    history = jax.device_get(pending)
+    history = [(s, unpack_metrics(m, jitted.metric_names)) for s, m in jax.device_get(pending)]
     pending = []
     _check_finite(history, cfg.loss_keys, last_good, checkpointer.directory)
     elapsed = time.perf_counter() - t_last
