@@ -82,6 +82,7 @@ def tiny_txt2img_run(tmp_path_factory) -> dict:
 # rest keep their alphabetical order after these.
 FILE_SECONDS = {
     "test_demo.py": 232,
+    "test_sd_finetune.py": 190,
     "test_train_ldm_variants.py": 190,
     "test_sample_cli.py": 166,
     "test_interop_pretrained.py": 148,

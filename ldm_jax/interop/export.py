@@ -6,6 +6,8 @@ pipeline has one), ``scheduler/`` and ``model_index.json``, so that
 ``load_pretrained_pipeline(out)`` gives back exactly the same weights.
 
     python -m ldm_jax.interop.export RUN_DIR OUT_DIR [--no-ema]
+    python -m ldm_jax.interop.export RUN_DIR model.safetensors --single_file
+    python -m ldm_jax.interop.export LORA_RUN_DIR lora.safetensors --lora
 
 Only what the diffusers SD pipeline can express exports: a KL autoencoder, a
 CLIP text encoder (or none), a UNet with spatial transformers.
@@ -26,6 +28,8 @@ from ldm_jax.interop import naming
 from ldm_jax.interop.diffusers_unet import original_unet_to_diffusers
 from ldm_jax.interop.diffusers_vae import diffusers_config_from_first_stage, original_vae_to_diffusers
 from ldm_jax.interop.load import load_pipeline
+from ldm_jax.interop.lora_files import save_lora
+from ldm_jax.interop.run_dirs import load_run_adapters
 from ldm_jax.models.unet import UNetModel
 
 _PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -160,15 +164,51 @@ def export_diffusers(pipeline, out_dir: str) -> None:
     json.dump(index, f, indent=2)
 
 
+def export_single_file(pipeline, path: str) -> None:
+  """Writes ``pipeline`` as an original Stable Diffusion v1-layout ``.safetensors`` file.
+
+  Keys as the CompVis checkpoints have them (``model.diffusion_model.*``,
+  ``first_stage_model.*``, ``cond_stage_model.transformer.text_model.*``),
+  so the original scripts, diffusers' ``from_single_file`` and
+  ``load_pretrained_pipeline`` read it. SD 2.x's OpenCLIP text tower has
+  another layout: export those as a diffusers folder.
+  """
+  if not path.endswith(".safetensors"):
+    raise ValueError(f"{path}: single-file exports are .safetensors")
+  model = pipeline.model
+  if model.cond_stage.kind != "clip" or model.cond_stage.module.projection_dim is not None \
+      or getattr(model.cond_stage.module, "output_layer", "last") != "last":
+    raise ValueError("only SD 1.x-style models (CLIP ViT-L/14 last layer) export to an original single file; "
+                     "export SD 2.x as a diffusers folder (export_diffusers)")
+  params, frozen = jax.device_get(pipeline.params), jax.device_get(pipeline.frozen)
+  state = {}
+  for prefix, variables in (("model.diffusion_model.", params["unet"]), ("first_stage_model.", frozen["first_stage"]),
+                            ("cond_stage_model.transformer.", frozen["cond"])):
+    state.update({prefix + k: np.ascontiguousarray(v, np.float32) for k, v in naming.flax_to_torch(variables).items()})
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  save_file(state, path)
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("checkpoint", help="a run directory (or any checkpoint load_pipeline accepts)")
-  parser.add_argument("out_dir", help="diffusers folder to write")
+  parser.add_argument("out", help="diffusers folder to write (a .safetensors file with --single_file or --lora)")
   parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
+  parser.add_argument("--single_file", action="store_true", help="an original SD v1-layout .safetensors file")
+  parser.add_argument("--lora", action="store_true",
+                      help="a LoRA run's adapters only, in the layout diffusers' load_lora_weights reads")
   args = parser.parse_args(argv)
 
-  export_diffusers(load_pipeline(args.checkpoint, use_ema=not args.no_ema), args.out_dir)
-  print(f"wrote {args.out_dir}")
+  if args.lora:
+    config, adapters, unet = load_run_adapters(args.checkpoint, use_ema=not args.no_ema)
+    print(f"wrote {save_lora(args.out, config, unet, unet=adapters)}")
+    return
+  pipeline = load_pipeline(args.checkpoint, use_ema=not args.no_ema)
+  if args.single_file:
+    export_single_file(pipeline, args.out)
+  else:
+    export_diffusers(pipeline, args.out)
+  print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

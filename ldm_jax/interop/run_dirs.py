@@ -8,7 +8,7 @@ device whatever devices saved them.
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -23,7 +23,9 @@ from ldm_jax.interop.pretrained import load_pretrained_pipeline
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.first_stage import make_first_stage
 from ldm_jax.models.latent_diffusion import LatentDiffusion
+from ldm_jax.models.unet import UNetModel
 from ldm_jax.models.vq import VQModel
+from ldm_jax.nn.lora import LoRAConfig
 from ldm_jax.pipeline import LDMPipeline
 from ldm_jax.training import ldm_step
 from ldm_jax.training.checkpoint import Checkpointer, restore_subtree
@@ -128,7 +130,39 @@ def pretrained_unet(source: str, *, use_ema: bool = True, prediction_type: str |
 
 
 def load_ldm_run(path: str, *, use_ema: bool = True, mesh=None, compute_dtype: str | None = None) -> LDMPipeline:
-  """The pipeline of a stage-2 run directory's latest checkpoint (EMA weights by default)."""
+  """The pipeline of a stage-2 run directory's latest checkpoint (EMA weights by default).
+
+  A LoRA run's adapters are merged into the UNet they adapt (``pretrained.unet_from``).
+  """
+  run = _read_ldm_run(path, use_ema=use_ema, compute_dtype=compute_dtype)
+  frozen = dict(run.frozen)
+  params = model_params(run.trained, frozen, run.lora)
+  frozen.pop("unet", None)
+  config = run.config
+  return LDMPipeline(
+      run.model, params, frozen, schedule_from_config(config.diffusion), run.tokenizer,
+      config.data.tokenizer.max_length, config.diffusion.prediction_type, config.data.image_size, mesh,
+  )
+
+
+def load_run_adapters(path: str, *, use_ema: bool = True) -> tuple[LoRAConfig, dict, UNetModel]:
+  """``(lora_config, adapters, unet)`` of a LoRA run directory's latest checkpoint (for export)."""
+  run = _read_ldm_run(path, use_ema=use_ema, compute_dtype=None)
+  if run.lora is None:
+    raise ValueError(f"{path} is a full fine-tuning run (lora.rank 0): it has no adapters to export")
+  return run.lora, jax.device_get(run.trained["lora"]), run.model.unet
+
+
+class _LDMRun(NamedTuple):
+  config: ml_collections.ConfigDict
+  model: LatentDiffusion
+  tokenizer: Any
+  frozen: dict
+  trained: Any  # the state's params (or EMA): the UNet, or a LoRA run's adapters
+  lora: LoRAConfig | None
+
+
+def _read_ldm_run(path: str, *, use_ema: bool, compute_dtype: str | None) -> _LDMRun:
   checkpointer = Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
   step = checkpointer.latest_step()
   if step is None:
@@ -147,7 +181,6 @@ def load_ldm_run(path: str, *, use_ema: bool = True, mesh=None, compute_dtype: s
   _, fs_variables, _, fs_config = load_first_stage_copy(os.path.join(path, "first_stage"))
   model = build_model(config, fs_config, meta["scale_factor"], tokenizer)
   frozen = {"first_stage": fs_variables}
-  max_length = config.data.tokenizer.max_length
   cond = frozen_cond_variables(model, config)
   if cond is not None:
     frozen["cond"] = cond
@@ -166,10 +199,6 @@ def load_ldm_run(path: str, *, use_ema: bool = True, mesh=None, compute_dtype: s
   abstract = jax.eval_shape(init_fn, jax.random.key(0)).params
   key = "ema_params" if use_ema and step_config(config).ema_decay > 0 else "params"
   device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
-  params = restore_subtree(checkpointer.directory, step, (key,), abstract, device, what=f"the LDM's {key}")
+  trained = restore_subtree(checkpointer.directory, step, (key,), abstract, device, what=f"the LDM's {key}")
   checkpointer.close()
-  params = model_params(params, frozen, lora)
-  return LDMPipeline(
-      model, params, frozen, schedule_from_config(config.diffusion), tokenizer, max_length,
-      config.diffusion.prediction_type, config.data.image_size, mesh,
-  )
+  return _LDMRun(config, model, tokenizer, frozen, trained, lora)

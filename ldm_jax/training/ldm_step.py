@@ -79,7 +79,7 @@ def draw_randomness(model: LatentDiffusion, cfg: LDMStepConfig, rng: jax.Array, 
       "posterior_noise": jax.random.normal(k_z, latent_shape),
       "drop": jax.random.bernoulli(k_drop, cfg.cond_dropout, (latent_shape[0],)),
   }
-  if model.concat_kind == "inpaint" and "image" in batch:
+  if model.concat_kind == "inpaint" and "image" in batch and "mask" not in batch:  # else the data made the masks
     draws["inpaint_mask"] = random_inpaint_masks(k_mask, batch["image"].shape[:3])
   return draws
 

@@ -16,8 +16,11 @@ from ldm_jax.apps.train import train_latent_diffusion
 from ldm_jax.assembly import schedule_from_config
 from ldm_jax.config import ConfigError, load_config
 from ldm_jax.interop.export import export_diffusers
+from ldm_jax.interop.export import main as export_main
 from ldm_jax.interop.finetune import start_from_pretrained
 from ldm_jax.interop.load import load_pipeline
+from ldm_jax.interop.lora_files import apply_lora_file
+from ldm_jax.interop.naming import StateDictMismatchError
 from ldm_jax.interop.pretrained import load_pretrained_pipeline
 from ldm_jax.training.checkpoint import Checkpointer
 from ldm_jax.training.lora import lora_config
@@ -37,6 +40,7 @@ def _config(sd, *switches, **train):
   config = load_config(f"{CONFIG}:" + ",".join(("sd15", "tiny") + switches))
   config.pretrained.path = str(root / "sd")
   config.data.data_dir = str(root / "data")
+  config.compilation_cache_dir = str(root / "xla")  # the resumed run reuses the first run's compiled step
   config.train.update(**train)
   return config
 
@@ -91,6 +95,13 @@ def test_full_finetune_trains_resumes_exactly_and_exports_to_diffusers(sd, tmp_p
   assert moved
   _assert_trees_equal(a.frozen["first_stage"], published.frozen["first_stage"])
 
+  # An original single file: the reference's keys, read back to exactly the run's weights.
+  single = tmp_path / "finetuned.safetensors"
+  export_main([str(run), str(single), "--single_file"])
+  reread = load_pretrained_pipeline(str(single), tokenizer=str(root / "sd" / "tokenizer"))
+  _assert_trees_equal(reread.params["unet"], a.params["unet"])
+  _assert_trees_equal(reread.frozen, {k: a.frozen[k] for k in ("first_stage", "cond")})
+
   out = tmp_path / "exported"
   export_diffusers(a, str(out))
   pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, feature_extractor=None)
@@ -121,7 +132,30 @@ def test_lora_trains_adapters_only_and_samples_merged(sd, tmp_path):
   changed = {"/".join(k) for k in base if not np.array_equal(base[k], tuned[k])}
   # Only attention projections (the adapters' targets) differ from the published UNet.
   assert changed and all(k.split("/")[-2] in ("to_q", "to_k", "to_v", "to_out_0") for k in changed)
+
+  # Exported as a LoRA file, applied to the published model: the run's merged UNet again.
+  export_main([str(run), str(tmp_path / "lora.safetensors"), "--lora", "--no-ema"])
+  applied = apply_lora_file(published, str(tmp_path / "lora.safetensors"))
+  a, b = _flat(applied.params["unet"]), tuned
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg="/".join(k))
   assert lora_config(load_config(f"{CONFIG}:sd15,tiny")) is None
+
+
+def test_inpainting_variant_grows_the_input_convolution_with_zeros(sd):
+  root, _ = sd
+  config = load_config(f"{CONFIG}:sd2_inpaint,tiny")
+  config.pretrained.path = str(root / "sd")
+  start = start_from_pretrained(config)
+  assert start.config.concat.kind == "inpaint" and start.config.unet.in_channels == 9
+  published = load_pretrained_pipeline(str(root / "sd")).params["unet"]["params"]["input_blocks_0_0"]["kernel"]
+  grown = start.unet_params["params"]["input_blocks_0_0"]["kernel"]
+  assert grown.shape == published.shape[:2] + (9,) + published.shape[3:]
+  np.testing.assert_array_equal(grown[:, :, :4], published)
+  np.testing.assert_array_equal(grown[:, :, 4:], 0.0)
+  config.pretrained.extra_in_channels = "error"
+  with pytest.raises(StateDictMismatchError, match="input_blocks_0_0/kernel"):
+    start_from_pretrained(config)
 
 
 def test_bad_starts_are_named(sd, tmp_path):
