@@ -2,14 +2,20 @@
 image-to-image, inpainting and super-resolution, sharded over a mesh.
 
 One ``jax.jit`` program per static setting (model, sampler config, image size,
-strength, whether guidance is used) runs conditioning, the whole sampler
-``lax.scan`` and the decoder; seeds, guidance scales, prompts and weights
-are traced arguments, so changing them never recompiles.
+strength, whether guidance is used, the image-space guide) runs conditioning,
+the whole sampler ``lax.scan`` and the decoder; seeds, guidance scales and
+strengths, prompts, conditioning images and weights are traced arguments, so
+changing them never recompiles.
+
+Image-space guidance (``image_guide``): the sampler's ``guide_fn`` here
+decodes the predicted latent x0 with the first stage (unclipped, so the
+gradient reaches every pixel) and scores the image; the gradient flows back
+through the decoder and the UNet to ``z_t`` (``ldm_jax.diffusion.image_guidance``).
 """
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -24,9 +30,68 @@ from ldm_jax.data.tokenizers import tokenize
 from ldm_jax.diffusion.config import SamplerConfig
 from ldm_jax.diffusion.driver import sample as run_sampler
 from ldm_jax.diffusion.schedules import DiffusionSchedule
+from ldm_jax.models.first_stage import decode_latents
 from ldm_jax.models.latent_diffusion import LatentDiffusion, nearest_downsample
 from ldm_jax.parallel.distributed import compile_in_lockstep
 from ldm_jax.parallel.mesh import batch_sharding, data_parallel_mesh, data_parallel_size
+
+# image_guide(params, inputs, images_BxHxWx3) -> scalar: a log-likelihood of the decoded x0
+# prediction (in [-1, 1], unclipped), summed over the batch. ``inputs`` are the per-example
+# conditioning inputs (``low_res``, ``label``, any extra per-example array given to ``generate``),
+# ``params`` the pytree passed as ``image_guide_params`` (e.g. a classifier's weights).
+ImageGuide = Callable[[Any, dict[str, jax.Array], jax.Array], jax.Array]
+
+
+def low_res_likelihood(params: Any, inputs: dict[str, jax.Array], images_BxHxWx3: jax.Array) -> jax.Array:
+  """``log N(y; down(x), I)`` summed over pixels and the batch: the decoded x0 prediction ``x``,
+  bicubically downsampled to the low-resolution input ``y`` (the degradation super-resolution
+  models are trained on: ``LatentDiffusion.derive_inputs``), should give back ``y``."""
+  del params
+  low_res = inputs["low_res"].astype(jnp.float32)
+  down = jax.image.resize(images_BxHxWx3, low_res.shape, "cubic")
+  return -0.5 * jnp.sum(jnp.square(down - low_res))
+
+
+IMAGE_GUIDES: dict[str, ImageGuide] = {"low_res": low_res_likelihood}
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentImageGuide:
+  """The sampler's ``guide_fn(guide_params, z0)``: decode, then score the image (hashable: static)."""
+
+  model: LatentDiffusion
+  image_guide: ImageGuide
+
+  def __call__(self, guide_params: dict[str, Any], z0: jax.Array) -> jax.Array:
+    first_stage = guide_params["frozen"]["first_stage"]
+    images = decode_latents(self.model.first_stage, first_stage, z0 / self.model.scale_factor).astype(jnp.float32)
+    return self.image_guide(guide_params["params"], guide_params["inputs"], images)
+
+
+def concat_shrink(model: LatentDiffusion) -> float:
+  """How much the concat stage resizes its map (``multiplier ** n_stages``) onto the latent grid."""
+  rescaler = model.concat_stage.module if model.concat_stage is not None else None
+  return rescaler.multiplier ** rescaler.n_stages if rescaler is not None else 1.0
+
+
+def concat_map_size(model: LatentDiffusion, height: int, width: int) -> tuple[int, int]:
+  """(h, w) a low-res image or segmentation map must have for an output of ``height x width``."""
+  f, shrink = model.downsample_factor, concat_shrink(model)
+  return round(height // f / shrink), round(width // f / shrink)
+
+
+def describe_conditioning(model: LatentDiffusion) -> str:
+  """What a model is conditioned on, in words (for error messages)."""
+  parts = []
+  if model.cond_key is not None:
+    parts.append({"tokens": "text prompts", "label": "class labels", "layout_tokens": "layouts"}[model.cond_key])
+  if model.use_label_emb:
+    parts.append("class labels")
+  parts.append({"none": "", "low_res": "a low-resolution image (super-resolution)",
+                "inpaint": "a mask and a masked image (inpainting)",
+                "segmentation": "a segmentation map"}[model.concat_kind])
+  parts = [p for p in parts if p]
+  return " and ".join(parts) if parts else "nothing (unconditional)"
 
 
 @dataclasses.dataclass
@@ -75,8 +140,33 @@ class LDMPipeline:
     return self.generate({"tokens": tokens}, uncond_inputs={"tokens": neg_tokens}, **kw)
 
   def class_to_image(self, labels: Sequence[int], **kw) -> np.ndarray:
-    key = "label"
-    return self.generate({key: np.asarray(labels, np.int32)}, **kw)
+    """Images for class labels (cross-attention class encoder or the UNet's class embedding)."""
+    return self.generate({"label": np.asarray(labels, np.int32)}, **kw)
+
+  def layout_to_image(self, boxes_BxOx4: np.ndarray, labels_BxO: np.ndarray, num_objects_B: np.ndarray,
+                      **kw) -> np.ndarray:
+    """Images for object layouts: boxes ``(x0, y0, x1, y1)`` as fractions of the image, the first
+    ``num_objects`` of each row used (layout-to-image models)."""
+    if self.model.cond_key != "layout_tokens":
+      raise ValueError(f"this model is conditioned on {describe_conditioning(self.model)}, not on layouts")
+    boxes = np.asarray(boxes_BxOx4, np.float32)
+    xywh = np.concatenate([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], axis=-1)
+    tokens = self.model.cond_stage.module.tokenize(xywh, np.asarray(labels_BxO), np.asarray(num_objects_B))
+    return self.generate({"layout_tokens": tokens}, **kw)
+
+  def super_resolve(self, low_res: np.ndarray, **kw) -> np.ndarray:
+    """Upsamples ``low_res`` (N, h, w, 3) in [-1, 1] by :attr:`upscale_factor` (super-resolution models)."""
+    low_res = np.asarray(low_res, np.float32)
+    factor = self.upscale_factor
+    return self.generate({}, low_res=low_res, height=low_res.shape[1] * factor, width=low_res.shape[2] * factor,
+                         **kw)
+
+  @property
+  def upscale_factor(self) -> int:
+    """Output pixels per low-res pixel of a super-resolution model."""
+    if self.model.concat_kind != "low_res":
+      raise ValueError(f"this model is conditioned on {describe_conditioning(self.model)}, not on a low-res image")
+    return round(self.model.downsample_factor * concat_shrink(self.model))
 
   def image_to_image(self, prompts: Sequence[str], init_images: np.ndarray, *, strength: float = 0.8,
                      **kw) -> np.ndarray:
@@ -112,6 +202,10 @@ class LDMPipeline:
       strength: float | None = None,
       mask: np.ndarray | None = None,
       low_res: np.ndarray | None = None,
+      segmentation: np.ndarray | None = None,
+      image_guide: str | ImageGuide | None = None,
+      image_guide_params: Any = None,
+      image_guidance_strength: float = 0.0,
       first_index: int = 0,
       x_T: np.ndarray | None = None,
       output_type: str = "uint8",
@@ -129,6 +223,16 @@ class LDMPipeline:
     split into batches. ``x_T`` (N, h, w, C latents) replaces that noise,
     e.g. to start from the same latents as another implementation.
     ``output_type="float"`` returns float32 images in [0, 1] instead of uint8.
+
+    ``low_res`` (N, h, w, 3) in [-1, 1] (super-resolution) and
+    ``segmentation`` (N, h, w) integer labels (semantic synthesis) must have
+    the size the concat stage maps onto the latent grid of ``height x width``
+    (:func:`concat_map_size`).
+
+    ``image_guide`` (a name in ``IMAGE_GUIDES`` or an ``ImageGuide``, which
+    must be hashable: it keys the compiled program) with
+    ``image_guidance_strength`` s adds image-space guidance:
+    ``eps_hat = eps - s sqrt(1 - alpha_bar_t) grad_{z_t} image_guide(D(z0(z_t)))``.
     """
     sampler = sampler or self.sampler_config()
     if output_type not in ("uint8", "float"):
@@ -140,7 +244,8 @@ class LDMPipeline:
     if inputs:
       n = len(jax.tree.leaves(inputs)[0])
     else:
-      n = num or (len(init_images) if init_images is not None else 1)
+      given = [a for a in (init_images, low_res, segmentation) if a is not None]
+      n = num or (len(given[0]) if given else 1)
     if strength is not None and not 0.0 <= strength <= 1.0:
       raise ValueError(f"strength must be in [0, 1], got {strength}")
     if strength is not None and init_images is None:
@@ -156,10 +261,41 @@ class LDMPipeline:
       if self.model.concat_kind == "inpaint":
         host["mask"] = mask[..., None]
         host["masked_image"] = np.asarray(init_images, np.float32) * (1.0 - mask[..., None])
+    concat_size = concat_map_size(self.model, height, width)
     if self.model.concat_kind == "low_res":
       if low_res is None:
         raise ValueError("this is a super-resolution model: give the low-resolution images")
-      host["low_res"] = np.asarray(low_res, np.float32)
+      low_res = np.asarray(low_res, np.float32)
+      if low_res.ndim != 4 or low_res.shape[1:3] != concat_size or low_res.shape[0] != n:
+        raise ValueError(f"low_res has shape {low_res.shape}; a {height}x{width} output needs ({n}, "
+                         f"{concat_size[0]}, {concat_size[1]}, C) images")
+      host["low_res"] = low_res
+    elif low_res is not None:
+      raise ValueError(f"low_res was given but this model is conditioned on {describe_conditioning(self.model)}")
+    if self.model.concat_kind == "segmentation" and "segmentation_onehot" not in host:  # one-hot maps pass as given
+      if segmentation is None:
+        raise ValueError("this is a semantic synthesis model: give the segmentation maps")
+      segmentation = np.asarray(segmentation)
+      if segmentation.shape != (n, *concat_size):
+        raise ValueError(f"segmentation has shape {segmentation.shape}; a {height}x{width} output needs "
+                         f"({n}, {concat_size[0]}, {concat_size[1]}) label maps")
+      if not np.issubdtype(segmentation.dtype, np.integer):
+        raise ValueError(f"segmentation must hold integer labels, got {segmentation.dtype}")
+      low, high = int(segmentation.min()), int(segmentation.max())
+      if low < 0 or high >= self.model.num_seg_classes:
+        raise ValueError(f"segmentation labels span [{low}, {high}]; this model has {self.model.num_seg_classes} "
+                         f"classes (0..{self.model.num_seg_classes - 1})")
+      host["segmentation"] = segmentation.astype(np.int32)
+    elif segmentation is not None:
+      raise ValueError(f"segmentation was given but this model is conditioned on {describe_conditioning(self.model)}")
+    if isinstance(image_guide, str):
+      if image_guide not in IMAGE_GUIDES:
+        raise ValueError(f"unknown image_guide {image_guide!r}; choose from {sorted(IMAGE_GUIDES)} or pass a function")
+      if image_guide == "low_res" and "low_res" not in host:
+        raise ValueError("image_guide 'low_res' needs a super-resolution model and its low_res images")
+      image_guide = IMAGE_GUIDES[image_guide]
+    if not np.isfinite(image_guidance_strength) or image_guidance_strength < 0:
+      raise ValueError(f"image_guidance_strength must be a finite number >= 0, got {image_guidance_strength}")
     guided = uncond_inputs is not None or self.model.cond_key is not None or self.model.use_label_emb
     if guided and uncond_inputs is None:
       uncond_inputs = jax.device_get(self.model.null_inputs(host))
@@ -184,9 +320,11 @@ class LDMPipeline:
         jnp.float32(guidance_scale), jnp.float32(eta),
         put(np.asarray(init_images, np.float32)) if init_images is not None else None,
         put(mask[..., None]) if (mask is not None and self.model.concat_kind != "inpaint") else None,
+        _on_mesh(image_guide_params, self.mesh), jnp.float32(image_guidance_strength),
     )
     static = dict(model=self.model, sampler_config=sampler, strength=strength, guided=guided,
-                  blend=mask is not None and self.model.concat_kind != "inpaint")
+                  blend=mask is not None and self.model.concat_kind != "inpaint",
+                  guide=LatentImageGuide(self.model, image_guide) if image_guide is not None else None)
     compile_in_lockstep(_generate, *args, name="sample", **static)  # multi-process: start together
     images = _generate(*args, **static)
     images = multihost_utils.process_allgather(images, tiled=True)[:n]
@@ -228,7 +366,7 @@ def _pad(a: np.ndarray, rows: int) -> np.ndarray:
 # One program shared by every pipeline: the model (a hashable frozen
 # dataclass) is static and the schedule is traced, so pipelines loaded from
 # equal configs reuse one compile instead of tracing their own.
-@functools.partial(jax.jit, static_argnames=("model", "sampler_config", "strength", "guided", "blend"))
+@functools.partial(jax.jit, static_argnames=("model", "sampler_config", "strength", "guided", "blend", "guide"))
 def _generate(
     schedule: DiffusionSchedule,
     params,
@@ -241,14 +379,20 @@ def _generate(
     eta,
     init_images,
     keep_mask,
+    guide_params,
+    guide_strength,
     *,
     model: LatentDiffusion,
     sampler_config: SamplerConfig,
     strength: float | None,
     guided: bool,
     blend: bool,
+    guide: LatentImageGuide | None,
 ):
   """Conditioning → sampler scan → decoder, as one program."""
+  if "segmentation" in inputs:  # one-hot here: the maps cross to devices as int32, not num_classes floats
+    inputs, uncond_inputs = (_one_hot_segmentation(model, x) if x is not None else None
+                             for x in (inputs, uncond_inputs))
   cond = model.encode_cond(params, frozen, inputs)
   uncond = model.encode_cond(params, frozen, uncond_inputs) if guided else None
   init_latent = model.encode_images(frozen, init_images) if init_images is not None else None
@@ -260,5 +404,13 @@ def _generate(
       guidance_scale=guidance_scale, eta=eta, strength=strength, mask=latent_mask,
       # Inpainting UNets see the masked image through their concat input instead.
       init_latent=init_latent if (strength is not None or blend) else None,
+      guide_fn=guide, guide_params={"frozen": frozen, "inputs": inputs, "params": guide_params} if guide else None,
+      guidance_strength=guide_strength,
   )
   return model.decode_latents(frozen, z)
+
+
+def _one_hot_segmentation(model: LatentDiffusion, inputs: dict[str, Any]) -> dict[str, Any]:
+  out = dict(inputs)
+  out["segmentation_onehot"] = jax.nn.one_hot(out.pop("segmentation"), model.num_seg_classes, dtype=jnp.float32)
+  return out
