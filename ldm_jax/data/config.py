@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-SOURCES = ("shapes", "tfds", "array_record", "folder", "webdataset")
+SOURCES = ("shapes", "tfds", "array_record", "folder", "webdataset", "latents")
 MISSING_CAPTION_POLICIES = ("empty", "skip")
 
 

@@ -8,6 +8,11 @@ TensorFlow runtime. The order of operations:
   source -> shuffle (fresh order each epoch) -> repeat -> decode + transform
   (random_map) -> this process's slice -> [worker processes] -> skip bad
   records, batch, tokenise (``InputIterator``, main process)
+
+Source "latents" (precomputed by ``precompute_latents.py``) takes the same
+path with ``LatentExample`` in place of the image transform: batches carry
+``latent_mean`` [``latent_logvar``] [``context``] and the conditioning fields,
+no ``image``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ldm_jax.data.config import MISSING_CAPTION_POLICIES, validate_image_size
 from ldm_jax.data.degradation import LOW_RES_KINDS, LowRes
 from ldm_jax.data.folder_source import ImageFolderSource
 from ldm_jax.data.inpaint_masks import LAMA_PRESETS, MASK_KINDS, MaskGenerator
+from ldm_jax.data.latent_records import LatentBatches, LatentExample
 from ldm_jax.data.preprocess import Preprocess
 from ldm_jax.data.sharding import ProcessSlice
 from ldm_jax.data.skipping import SafeRead
@@ -70,19 +76,27 @@ def make_iterator(
   geometry = Geometry(data_config.image_size, data_config.crop, data_config.random_flip)
   if tokenizer is None:
     tokenizer = load_tokenizer(data_config.tokenizer)
-  if tokenizer is not None and not has_captions(data_config):
+  if tokenizer is not None and not has_captions(data_config, split):
+    if data_config.source == "latents":
+      raise ValueError(f"A tokenizer is configured but the latents in {data_config.path!r} (split {split!r}) hold "
+                       "no captions: precompute them from a captioned dataset.")
     raise ValueError("A tokenizer is configured but the dataset has no captions: set config.data.caption_key.")
 
   conditioning = conditioning_config(data_config)
-  preprocess = Preprocess(geometry, missing_caption, **conditional_transforms(conditioning, data_config.image_size))
-  source = open_conditional_source(data_config, split, conditioning)
+  latents = data_config.source == "latents"
+  if latents:  # precomputed: no image to decode, crop or degrade
+    check_latents_config(data_config, conditioning)
+    transform, source = LatentExample(), open_source(data_config, split)
+  else:
+    transform = Preprocess(geometry, missing_caption, **conditional_transforms(conditioning, data_config.image_size))
+    source = open_conditional_source(data_config, split, conditioning)
   if len(source) == 0:
     raise ValueError(f"Split {split!r} of {source!r} is empty.")
   dataset = grain.MapDataset.source(SafeRead(source))
   if shuffle:
     dataset = dataset.shuffle(seed=seed)  # Reshuffles each epoch (seed + epoch).
   dataset = dataset.repeat(num_epochs)
-  dataset = dataset.random_map(preprocess, seed=seed)
+  dataset = dataset.random_map(transform, seed=seed)
   dataset = ProcessSlice(dataset, global_batch_size, process_index, process_count)
   elements = dataset.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads))
   if data_config.num_workers > 0:
@@ -94,7 +108,7 @@ def make_iterator(
             num_workers=data_config.num_workers, per_worker_buffer_size=_PER_WORKER_BUFFER
         )
     )
-  return InputIterator(
+  return (LatentBatches if latents else InputIterator)(
       iter(elements),
       batch_size=global_batch_size // process_count,
       drop_remainder=drop_remainder,
@@ -102,6 +116,20 @@ def make_iterator(
       max_length=data_config.tokenizer.max_length,
       max_skip_fraction=max_skip_fraction,
   )
+
+
+def check_latents_config(data_config: ml_collections.ConfigDict, conditioning: ml_collections.ConfigDict) -> None:
+  """Source "latents" holds one fixed view of each image: refuse settings that need the pixels."""
+  if data_config.random_flip or data_config.crop != "center":
+    raise ValueError("data.source='latents' holds one center-cropped, unflipped view of each image: set "
+                     "data.crop='center' and data.random_flip=False (or train from the images)")
+  # Layouts and labels are stored in the records; these are made from (or move with) the pixels.
+  needs_pixels = {k: conditioning[k] for k in ("low_res", "masks", "segmentation_folder")
+                  if conditioning[k] != _CONDITIONING_DEFAULTS[k]}
+  if needs_pixels:
+    key = next(iter(needs_pixels))
+    raise ValueError(f"data.conditioning.{key}={needs_pixels[key]!r} is made from the images, which "
+                     "data.source='latents' does not hold: leave data.conditioning at its defaults")
 
 
 def conditioning_config(data_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

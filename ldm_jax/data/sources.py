@@ -13,6 +13,7 @@ import ml_collections
 from ldm_jax.data.array_record_source import ArrayRecordSource, resolve_shards
 from ldm_jax.data.config import SOURCES
 from ldm_jax.data.folder_source import ImageFolderSource
+from ldm_jax.data.latent_records import open_latent_records, read_latent_metadata
 from ldm_jax.data.tar_shards import TarShardSource, resolve_tar_shards
 from ldm_jax.data.tfds_source import open_shapes, open_tfds
 
@@ -51,9 +52,18 @@ def open_source(data_config: ml_collections.ConfigDict, split: str):
         min_size=filters.get("min_size", 0),
         max_aspect_ratio=filters.get("max_aspect_ratio", 0.0),
     )
+  if kind == "latents":
+    return open_latent_records(data_config.path, split, data_config.image_size)
   raise ValueError(f"Unknown data source {kind!r}; expected one of {SOURCES}.")
 
 
-def has_captions(data_config: ml_collections.ConfigDict) -> bool:
-  """Whether records carry a caption (for "folder", "array_record", "webdataset" it may be None: missing)."""
+def has_captions(data_config: ml_collections.ConfigDict, split: str | None = None) -> bool:
+  """Whether records carry a caption (for "folder", "array_record", "webdataset" it may be None: missing).
+
+  For "latents", whether the precomputed records of ``split`` (default: the
+  train split) kept their captions, as their metadata says.
+  """
+  if data_config.source == "latents":
+    metadata = read_latent_metadata(data_config.path, split or data_config.train_split)
+    return "caption" in metadata.get("fields", ())
   return data_config.source != "tfds" or bool(data_config.caption_key)
