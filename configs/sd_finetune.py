@@ -87,6 +87,7 @@ def _sd21(c) -> None:
 def _sd2_inpaint(c) -> None:
   c.concat.kind = "inpaint"  # UNet input [z_t, mask, masked-image latents]: diffusers' channel order
   c.pretrained.extra_in_channels = "zeros"
+  c.data.conditioning.masks = "lama"  # SD-inpainting's masks: LaMa's generator (SD 2 inpainting model card)
 
 
 def _lora(c) -> None:
