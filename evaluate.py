@@ -1,8 +1,13 @@
-"""Evaluate a model or a folder of images: FID, KID, IS, precision/recall, rFID, PSNR, SSIM.
+"""Evaluate a model or a folder of images: FID, KID, IS, precision/recall, rFID, rIS, PSNR, SSIM, LPIPS.
 
   python evaluate.py --checkpoint runs/cin --recipe cin256_v2 --inception_weights fid_inception.npz
   python evaluate.py --checkpoint RUN --metrics fid,kid --num_samples 10000 --steps 50 --guidance 3
-  python evaluate.py --checkpoint STAGE1_RUN --metrics rfid,psnr,ssim --inception_weights fid_inception.npz
+  python evaluate.py --checkpoint STAGE1_RUN --metrics rfid,ris,psnr,ssim,lpips --inception_weights fid_inception.npz \
+      --lpips_weights lpips_vgg.npz
+  python evaluate.py --checkpoint SR_MODEL --metrics fid,is,psnr,ssim --num_samples 10000 --steps 100 \
+      --inception_weights fid_inception.npz
+  python evaluate.py --checkpoint INPAINT_MODEL --metrics fid,lpips --ref_dir held_out/ --mask_seed 0 \
+      --inception_weights fid_inception.npz --lpips_weights lpips_vgg.npz
   python evaluate.py --images_dir samples/ --ref_stats celebahq_train.npz --inception_weights fid_inception.npz
   python evaluate.py --config configs/ldm.py:celebahq_vq4 --split train --save_stats celebahq_train.npz \
       --metrics= --inception_weights fid_inception.npz
@@ -21,7 +26,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Stage-2 run directory / p
                                   "stage-1 run directory (reconstructions).")
 _IMAGES = flags.DEFINE_string("images_dir", None, "Evaluate this folder of images instead of sampling.")
 _METRICS = flags.DEFINE_list("metrics", ["fid"], "Comma-separated: fid, kid, is, pr, clip_score (samples, "
-                             "folders); rfid, psnr, ssim (stage-1 runs).")
+                             "folders); rfid, ris, psnr, ssim, lpips (stage-1 runs); fid, kid, is, pr, psnr, ssim, "
+                             "lpips (super-resolution and inpainting models, against held-out images).")
 _RECIPE = flags.DEFINE_string("recipe", None, "Paper settings (ldm_jax/evaluation/recipes.py): celebahq, ffhq, "
                               "lsun_churches, lsun_bedrooms, cin256_v2, txt2img_coco. Explicit flags win.")
 _NUM = flags.DEFINE_integer("num_samples", 1000, "Images to sample.")
@@ -47,6 +53,8 @@ _NET = flags.DEFINE_string("feature_net", "inception", "inception | shapes_judge
 _INCEPTION = flags.DEFINE_string("inception_weights", "", "Converted FID Inception weights (.npz / .safetensors).")
 _JUDGE = flags.DEFINE_string("judge_weights", "", "Shapes judge weights (--feature_net=shapes_judge).")
 _CLIP = flags.DEFINE_string("clip_weights", "", "transformers CLIP model folder (clip_score).")
+_LPIPS = flags.DEFINE_string("lpips_weights", "", "Converted LPIPS weights (python -m ldm_jax.interop.lpips).")
+_MASK_SEED = flags.DEFINE_integer("mask_seed", 0, "Inpainting models: seed of the held-out images' fixed holes.")
 _SIZE = flags.DEFINE_integer("image_size", 0, "Folder images are resized and cropped to this (default: data size).")
 _BATCH = flags.DEFINE_integer("batch_size", 50, "Images per sampler / network call.")
 _KID = flags.DEFINE_integer("kid_subset_size", 1000, "KID subset size (capped at the number of images).")
@@ -56,7 +64,7 @@ _OUTPUT = flags.DEFINE_string("output", "eval_report.json", "The JSON report.")
 _FIELDS = {f.name: f for f in (_CHECKPOINT, _IMAGES, _METRICS, _RECIPE, _NUM, _SAMPLER, _STEPS, _ETA, _GUIDANCE,
                                 _GUIDANCE_INTERVAL, _SEED, _PROMPTS, _CLASSES, _NUM_CLASSES, _CONFIG, _SPLIT,
                                 _NUM_REAL, _REF_STATS, _REF_DIR, _SAVE_STATS, _SAVE_IMAGES, _NET, _INCEPTION, _JUDGE,
-                                _CLIP, _SIZE, _BATCH, _KID, _DTYPE, _OUTPUT)}
+                                _CLIP, _LPIPS, _MASK_SEED, _SIZE, _BATCH, _KID, _DTYPE, _OUTPUT)}
 
 
 def main(argv):

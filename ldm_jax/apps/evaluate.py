@@ -5,8 +5,13 @@ Three kinds of input, one report:
 - a stage-2 run directory (or published model): N samples with the given
   sampler, conditioned on the reference split's captions / labels, a prompts
   file, or balanced classes;
-- a stage-1 run directory: reconstructions of the reference split (rFID,
-  PSNR, SSIM);
+- a stage-2 model conditioned on an image (super-resolution, inpainting):
+  one sample per held-out image of the reference (the split or ``ref_dir``),
+  compared with it (PSNR, SSIM, LPIPS) and as a set (FID, IS, ...); see
+  ``ldm_jax.evaluation.conditional`` for the low-res inputs and the fixed masks;
+- a stage-1 run directory or first-stage copy: reconstructions of the
+  reference split or ``ref_dir`` (the paper's autoencoder table: rFID, rIS,
+  PSNR, SSIM, and LPIPS, which the paper calls PSIM);
 - a folder of images (``images_dir``).
 
 The reference is a dataset split (the run's data config, or ``config``), a
@@ -28,22 +33,27 @@ import ml_collections
 import numpy as np
 
 from ldm_jax.config import load_config
-from ldm_jax.data.image_io import to_uint8
+from ldm_jax.data.image_io import save_png, to_uint8
 from ldm_jax.diffusion.config import parse_guidance_interval
-from ldm_jax.evaluation import feature_metrics, image_sources, precision_recall, recipes, statistics
+from ldm_jax.evaluation import conditional, feature_metrics, image_sources, precision_recall, recipes, statistics
 from ldm_jax.evaluation.clip_score import clip_score
 from ldm_jax.evaluation.feature_nets import FEATURE_NETS, FeatureNet
 from ldm_jax.evaluation.image_metrics import psnr, ssim
 from ldm_jax.interop.clip_model import load_clip_scorer
 from ldm_jax.interop.feature_nets import file_sha256, make_feature_net
 from ldm_jax.interop.load import load_first_stage, load_pipeline
+from ldm_jax.interop.lpips import load_lpips_params
+from ldm_jax.models.lpips import make_lpips_fn
 from ldm_jax.training.checkpoint import Checkpointer
+from ldm_jax.training.first_stage_copy import is_first_stage_copy
 from ldm_jax.training.reconstruction import make_reconstruct_fn
 
-METRICS = ("fid", "kid", "is", "pr", "clip_score", "rfid", "psnr", "ssim")
+METRICS = ("fid", "kid", "is", "pr", "clip_score", "rfid", "ris", "psnr", "ssim", "lpips")
 SAMPLE_METRICS = ("fid", "kid", "is", "pr", "clip_score")
-FEATURE_METRICS = ("fid", "kid", "is", "pr", "rfid")
-STAGE1_METRICS = ("rfid", "psnr", "ssim")
+FEATURE_METRICS = ("fid", "kid", "is", "pr", "rfid", "ris")
+STAGE1_METRICS = ("rfid", "ris", "psnr", "ssim", "lpips")
+PAIRED_METRICS = ("psnr", "ssim", "lpips")  # against the held-out image: reconstructions, image-conditioned samples
+CONDITIONAL_METRICS = ("fid", "kid", "is", "pr", *PAIRED_METRICS)
 NEEDS_REAL_FEATURES = ("kid", "pr")
 
 
@@ -74,6 +84,8 @@ class EvalRequest:
   inception_weights: str = ""
   judge_weights: str = ""
   clip_weights: str = ""
+  lpips_weights: str = ""
+  mask_seed: int = 0
   image_size: int = 0
   batch_size: int = 50
   kid_subset_size: int = 1000
@@ -119,6 +131,9 @@ class EvalRequest:
       raise ValueError(f"--classes must be 'split' or 'balanced', got {self.classes!r}")
     if self.guidance_interval is not None:
       self.guidance_interval = parse_guidance_interval(self.guidance_interval)
+    if "lpips" in self.metrics and not self.lpips_weights:
+      raise ValueError("the lpips metric needs --lpips_weights (VGG16 + LPIPS heads converted with "
+                       "python -m ldm_jax.interop.lpips)")
 
 
 # ----------------------------------------------------------------- metrics
@@ -155,6 +170,8 @@ def _run_kind(checkpoint: str) -> tuple[str, int | None, dict | None]:
 
   if not os.path.exists(checkpoint):
     raise FileNotFoundError(f"--checkpoint {checkpoint!r} does not exist")
+  if os.path.isdir(checkpoint) and is_first_stage_copy(checkpoint):  # a saved first stage (reconstruct.py's input)
+    return "reconstructions", None, None
   ckpt_dir = os.path.join(checkpoint, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     return "samples", None, None  # a published model: ldm_jax.interop.load dispatches it
@@ -222,11 +239,14 @@ def run(request: EvalRequest) -> dict[str, Any]:
       "folder" if request.images_dir else "statistics", None, None)
   if kind == "reconstructions":
     bad = [m for m in metrics if m not in STAGE1_METRICS]
+  elif kind == "samples":
+    bad = [m for m in metrics if m in ("rfid", "ris")]  # paired metrics: checked once the model is known
   else:
     bad = [m for m in metrics if m in STAGE1_METRICS]
   if bad:
     raise ValueError(f"metrics {bad} do not apply to {kind}: {STAGE1_METRICS} are for stage-1 run directories, "
-                     f"{SAMPLE_METRICS} for samples and folders")
+                     f"{SAMPLE_METRICS} for samples and folders, {CONDITIONAL_METRICS} for super-resolution and "
+                     "inpainting models")
   data_config = _data_config(request, meta)
   needs_features = bool(request.save_stats) or any(m in FEATURE_METRICS for m in metrics)
   net: FeatureNet | None = make_feature_net(
@@ -248,9 +268,21 @@ def run(request: EvalRequest) -> dict[str, Any]:
   if request.checkpoint:
     report["checkpoint"] = {"path": os.path.abspath(request.checkpoint), "step": step}
 
+  pipeline = None
+  if kind == "samples":
+    pipeline = load_pipeline(request.checkpoint, compute_dtype=request.dtype)
+    if conditional.task_of(pipeline.model) is not None:
+      kind = report["mode"] = conditional.task_of(pipeline.model)
+  lpips_params = load_lpips_params(request.lpips_weights) if "lpips" in metrics else None
   if kind == "reconstructions":
-    report.update(_evaluate_reconstructions(request, data_config, extract, metrics))
+    report.update(_evaluate_reconstructions(request, data_config, extract, metrics, lpips_params))
+  elif kind in conditional.TASKS.values():
+    report.update(_evaluate_conditional(request, pipeline, data_config, extract, metrics, lpips_params))
   else:
+    paired = [m for m in metrics if m in PAIRED_METRICS]
+    if paired:
+      raise ValueError(f"metrics {paired} compare each image with its original: they apply to stage-1 runs and "
+                       "super-resolution / inpainting models, not to these samples")
     image_size = request.image_size or (data_config.image_size if data_config is not None else 0)
     if not image_size and request.images_dir:
       image_size = image_sources.first_image_size(request.images_dir)
@@ -264,7 +296,7 @@ def run(request: EvalRequest) -> dict[str, Any]:
       report["saved_stats"] = os.path.abspath(request.save_stats)
     gen, texts = None, []
     if kind == "samples":
-      gen, texts, report["sampling"] = _sample_features(request, scan, gen_extract, data_config)
+      gen, texts, report["sampling"] = _sample_features(request, pipeline, scan, gen_extract, data_config)
     elif kind == "folder":
       def batches():
         for images, captions in image_sources.folder_batches(
@@ -286,12 +318,10 @@ def run(request: EvalRequest) -> dict[str, Any]:
   return report
 
 
-def _sample_features(request: EvalRequest, scan, extract, data_config) -> tuple[dict, list[str], dict]:
-
-  pipeline = load_pipeline(request.checkpoint, compute_dtype=request.dtype)
+def _sample_features(request: EvalRequest, pipeline, scan, extract, data_config) -> tuple[dict, list[str], dict]:
   model = pipeline.model
   if model.concat_kind != "none":
-    raise ValueError(f"this model is conditioned on {model.concat_kind!r} images: sample it with sample.py and "
+    raise ValueError(f"this model is conditioned on {model.concat_kind!r} maps: sample it with sample.py and "
                      "evaluate the folder with --images_dir")
   prompts = []
   if request.prompts_file:
@@ -345,42 +375,129 @@ def _clip_score(scorer, image_embeds: np.ndarray, texts: list[str]) -> float:
   return clip_score(image_embeds, scorer.embed_texts(texts))
 
 
-def _evaluate_reconstructions(request: EvalRequest, data_config, extract, metrics) -> dict:
-  """rFID / PSNR / SSIM of a first stage's reconstructions of the reference split."""
-
+def _held_out_batches(request: EvalRequest, data_config, image_size: int, num: int):
+  """``(batches of [-1, 1] float images, description)`` of the reference: ``ref_dir`` or the split."""
+  if request.ref_dir:
+    def from_folder():
+      left = num
+      for images, _ in image_sources.folder_batches(request.ref_dir, size=image_size, batch_size=request.batch_size):
+        if left == 0:
+          return
+        images = images[:left] if left > 0 else images
+        left -= len(images)
+        yield images.astype(np.float32) / 127.5 - 1.0
+    return from_folder(), {"kind": "folder", "path": os.path.abspath(request.ref_dir)}
   if data_config is None:
-    raise ValueError("a stage-1 evaluation needs the dataset: the run's config or --config")
+    raise ValueError("no held-out images: give --ref_dir or --config naming a dataset (a run directory brings its "
+                     "own data config)")
+  split = request.split or data_config.eval_split
+  batches = (b["image"] for b in image_sources.split_batches(data_config, split, batch_size=request.batch_size,
+                                                                num=num))
+  return batches, {"kind": "split", "split": split}
+
+
+class _Paired:
+  """Per-image metrics against the original and features of both sides, accumulated over batches."""
+
+  def __init__(self, metrics, extract, lpips_params):
+    self.metrics, self.extract, self.lpips_params = metrics, extract, lpips_params
+    self.values = {m: [] for m in PAIRED_METRICS if m in metrics}
+    self.real, self.gen = [], []
+    self._lpips = jax.jit(lambda params, x, y: make_lpips_fn(params)(x, y)) if lpips_params is not None else None
+
+  def add(self, real_uint8: np.ndarray, gen_uint8: np.ndarray, lpips: np.ndarray | None = None) -> None:
+    if "psnr" in self.values:
+      self.values["psnr"].append(np.asarray(psnr(real_uint8, gen_uint8, value_range=(0.0, 255.0)), np.float64))
+    if "ssim" in self.values:
+      self.values["ssim"].append(np.asarray(ssim(real_uint8, gen_uint8, value_range=(0.0, 255.0)), np.float64))
+    if "lpips" in self.values:
+      if lpips is None:
+        to_unit = lambda a: a.astype(np.float32) / 127.5 - 1.0  # noqa: E731
+        lpips = self._lpips(self.lpips_params, to_unit(real_uint8), to_unit(gen_uint8))
+      self.values["lpips"].append(np.asarray(lpips, np.float64))
+    if self.extract is not None:
+      self.real.append(self.extract(real_uint8))
+      self.gen.append(self.extract(gen_uint8))
+
+  def count(self) -> int:
+    return int(sum(map(len, next(iter(self.values.values()))))) if self.values else int(sum(
+        len(next(iter(g.values()))) for g in self.gen))
+
+  def results(self) -> dict[str, float]:
+    out = {}
+    for name, parts in self.values.items():
+      v = np.concatenate(parts)
+      out.update({f"{name}_mean": float(v.mean()), f"{name}_std": float(v.std())})
+    return out
+
+  def features(self) -> tuple[dict, dict]:
+    join = lambda parts: jax.tree.map(lambda *a: np.concatenate(a), *parts)  # noqa: E731
+    return join(self.real), join(self.gen)
+
+
+def _evaluate_conditional(request: EvalRequest, pipeline, data_config, extract, metrics, lpips_params) -> dict:
+  """One sample per held-out image of a super-resolution / inpainting model, compared with it."""
+  task = conditional.task_of(pipeline.model)
+  bad = [m for m in metrics if m not in CONDITIONAL_METRICS]
+  if bad:
+    raise ValueError(f"metrics {bad} do not apply to a {task} model; choose from {', '.join(CONDITIONAL_METRICS)}")
+  image_size = request.image_size or pipeline.image_size
+  batches, ref_desc = _held_out_batches(request, data_config, image_size, request.num_samples)
+  sampler = pipeline.sampler_config(request.sampler, request.steps, guidance_interval=request.guidance_interval)
+  pairs = conditional.paired_samples(pipeline, batches, batch_size=request.batch_size, mask_seed=request.mask_seed,
+                                     sampler=sampler, guidance_scale=request.guidance, eta=request.eta,
+                                     seed=request.seed)
+  acc = _Paired(metrics, extract, lpips_params)
+  index = 0
+  for real, gen, _ in pairs:
+    if request.save_images:
+      for i, image in enumerate(gen):
+        save_png(os.path.join(request.save_images, f"{index + i:05d}.png"), image)
+    acc.add(real, gen)
+    index += len(gen)
+  if index == 0:
+    raise ValueError(f"the reference ({ref_desc}) holds no images")
+  out_metrics = acc.results()
+  feature_wanted = [m for m in metrics if m in FEATURE_METRICS]
+  if feature_wanted:
+    real, gen = acc.features()
+    out_metrics.update(compute_metrics(feature_wanted, gen, real, kid_subset_size=request.kid_subset_size))
+  sampling = {"sampler": dataclasses.asdict(sampler), "eta": request.eta, "guidance_scale": request.guidance,
+              "seed": request.seed, "num_samples": index, "batch_size": request.batch_size, "image_size": image_size,
+              "inputs": ("held-out images bicubically downsampled as in training" if task == "super_resolution"
+                         else f"fixed random rectangular holes from mask_seed {request.mask_seed}")}
+  if request.save_images:
+    sampling["saved_images"] = os.path.abspath(request.save_images)
+  return {"task": task, "reference": {**ref_desc, "num_images": index}, "sampling": sampling,
+          "num_generated": index, "metrics": out_metrics}
+
+
+def _evaluate_reconstructions(request: EvalRequest, data_config, extract, metrics, lpips_params=None) -> dict:
+  """The autoencoder table of a first stage's reconstructions of the reference (split or ``ref_dir``):
+  rFID, rIS, PSNR, SSIM and LPIPS (the paper's PSIM)."""
   model, variables, _, _ = load_first_stage(request.checkpoint)
   fn = make_reconstruct_fn(model)
-  split = request.split or data_config.eval_split
   bs = request.batch_size
-  real_f, rec_f, psnrs, ssims = [], [], [], []
-  for batch in image_sources.split_batches(data_config, split, batch_size=bs, num=request.num_real):
-    x = batch["image"]
+  size = request.image_size or (data_config.image_size if data_config is not None else 0)
+  if request.ref_dir and not size:
+    size = image_sources.first_image_size(request.ref_dir)
+  batches, ref_desc = _held_out_batches(request, data_config, size, request.num_real)
+  acc = _Paired(metrics, extract, None)
+  for x in batches:
     n = len(x)
     padded = np.concatenate([x, np.repeat(x[-1:], bs - n, axis=0)])  # one compiled shape
-    rec = to_uint8(jax.device_get(fn(variables["params"], None, padded)["reconstruction"]))[:n]
-    orig = to_uint8(x)
-    psnrs.append(np.asarray(psnr(orig, rec, value_range=(0.0, 255.0)), np.float64))
-    if "ssim" in metrics:
-      ssims.append(np.asarray(ssim(orig, rec, value_range=(0.0, 255.0)), np.float64))
-    if extract is not None:
-      real_f.append(extract(orig))
-      rec_f.append(extract(rec))
-  if not psnrs:
-    raise ValueError(f"split {split!r} holds no images")
-  out = {"reference": {"kind": "split", "split": split, "num_images": int(sum(map(len, psnrs)))}, "metrics": {}}
-  if "psnr" in metrics:
-    p = np.concatenate(psnrs)
-    out["metrics"].update(psnr_mean=float(p.mean()), psnr_std=float(p.std()))
-  if "ssim" in metrics:
-    s = np.concatenate(ssims)
-    out["metrics"].update(ssim_mean=float(s.mean()), ssim_std=float(s.std()))
+    out = jax.device_get(fn(variables["params"], lpips_params, padded))
+    acc.add(to_uint8(x), to_uint8(out["reconstruction"])[:n], out["lpips"][:n] if lpips_params is not None else None)
+  if not acc.gen and not any(acc.values.values()):
+    raise ValueError(f"the reference ({ref_desc}) holds no images")
+  out = {"reference": {**ref_desc, "num_images": acc.count()}, "metrics": acc.results()}
   if extract is not None:
-    real = jax.tree.map(lambda *a: np.concatenate(a), *real_f)
-    rec = jax.tree.map(lambda *a: np.concatenate(a), *rec_f)
+    real, rec = acc.features()
     if "rfid" in metrics:
       out["metrics"].update(compute_metrics(["rfid"], rec, real))
+    if "ris" in metrics:
+      is_ = compute_metrics(["is"], rec)
+      out["metrics"].update(ris_mean=is_["is_mean"], ris_std=is_["is_std"])
     if request.save_stats:
       statistics.save_statistics(request.save_stats, *statistics.mean_and_covariance(real["pool"]))
       out["saved_stats"] = os.path.abspath(request.save_stats)
