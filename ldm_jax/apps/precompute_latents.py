@@ -275,13 +275,20 @@ def _start_split(out: str, split: str, plan: dict) -> None:
   path = lr.metadata_path(out, split)
   if os.path.exists(path):
     existing = lr.read_metadata_file(path)
-    differs = [k for k in _PLAN_KEYS if existing.get(k) != lr.json_view(plan[k])]
+    differs = [k for k in _PLAN_KEYS if _comparable(existing.get(k)) != _comparable(lr.json_view(plan[k]))]
     if differs:
       raise ValueError(f"{path} was written with other settings (they differ in {', '.join(differs)}): write these "
                        f"latents to a new --out, or delete the folder's {split}.latents.* files")
     if existing.get("complete"):
       return
   lr.write_metadata(out, split, {**plan, "complete": False})
+
+
+def _comparable(value):
+  """A plan entry without the names of the first stage / encoder: the same weights moved elsewhere still match."""
+  if isinstance(value, dict):
+    return {k: _comparable(v) for k, v in value.items() if k != "name"}
+  return value
 
 
 def _finish_split(out: str, split: str, plan: dict) -> int:
