@@ -18,7 +18,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   # "shapes": the built-in captioned-shapes dataset (built on first use);
   # "tfds": a prepared TFDS dataset read with tfds.data_source (ArrayRecord);
   # "array_record": shards written by `python -m ldm_jax.data.prepare`;
-  # "folder": a folder of images with optional same-name .txt captions.
+  # "folder": a folder of images with optional same-name .txt captions;
+  # "webdataset": tar shards as img2dataset writes them (data.path: a brace pattern, glob or folder);
+  # "latents": shards written by precompute_latents.py (data.path: their folder).
   config.source = "shapes"
   # TFDS dataset name for source "tfds", e.g. "imagenet2012", "celeb_a_hq/256".
   config.name = ""

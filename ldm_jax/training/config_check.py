@@ -81,7 +81,7 @@ def _check_optimizer(optim: ml_collections.ConfigDict) -> None:
 def _check_data(data: ml_collections.ConfigDict) -> None:
   _require(data.source in SOURCES, "data.source", data.source, f"one of {SOURCES}")
   _positive_int(data, "data", "image_size")
-  if data.source in ("folder", "array_record"):
+  if data.source in ("folder", "array_record", "latents"):
     _require(bool(data.path), "data.path", data.path, f"a path to the dataset (source {data.source!r})")
     _require(bool(data.path) and os.path.exists(data.path.split(",")[0]), "data.path", data.path,
              "an existing path")

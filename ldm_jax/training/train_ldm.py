@@ -28,6 +28,7 @@ from ldm_jax.assembly import (
 )
 from ldm_jax.data import make_iterator, to_global_array
 from ldm_jax.data.image_io import make_grid, save_png
+from ldm_jax.data.latent_records import read_latent_metadata
 from ldm_jax.data.tokenizers import load_tokenizer
 from ldm_jax.evaluation.feature_nets import FeatureNet
 from ldm_jax.models.latent_diffusion import LatentDiffusion
@@ -37,6 +38,7 @@ from ldm_jax.pipeline import LDMPipeline
 from ldm_jax.training import latent_cache, ldm_step
 from ldm_jax.training.eval_hook import make_eval_hook
 from ldm_jax.training.first_stage_copy import copy_differs, save_first_stage_copy
+from ldm_jax.training.latent_records_check import check_latent_records
 from ldm_jax.training.loop import Hook, LoopConfig, TrainResult, data_counters, train_loop
 from ldm_jax.training.lora import lora_config, model_params
 from ldm_jax.training.metrics_writer import MetricWriter
@@ -75,7 +77,8 @@ class SampleGridHook:
 
 def _host_prepare(model: LatentDiffusion):
   def prepare(batch: dict) -> dict:
-    out = {"image": batch["image"], **model.host_inputs(batch)}
+    pixels = ("image",) if "image" in batch else ("latent_mean", "latent_logvar")  # data.source=latents: no image
+    out = {**{k: batch[k] for k in pixels if k in batch}, **model.host_inputs(batch)}
     return {k: np.asarray(v) for k, v in out.items()}
 
   return prepare
@@ -120,6 +123,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, first_stage: First
   changed = copy_differs(os.path.join(workdir, "first_stage"), fs_variables, fs_config, scale_factor)
   if changed:
     _forget_old_first_stage(workdir, changed, config.first_stage.checkpoint or "the configured first stage")
+  if config.data.source == "latents":  # latents made by another first stage would train on another latent space
+    check_latent_records(read_latent_metadata(config.data.path, config.data.train_split), first_stage,
+                         config.data.image_size, scale_factor=scale_factor, records=config.data.path,
+                         first_stage_name=config.first_stage.checkpoint or "the configured first stage")
   if jax.process_index() == 0:
     save_first_stage_copy(os.path.join(workdir, "first_stage"), fs_variables, fs_config, scale_factor)
 
@@ -147,7 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, first_stage: First
   per_process = config.train.batch_size // jax.process_count()
   iterator = make_iterator(config.data, config.data.train_split, global_batch_size=config.train.batch_size,
                            seed=config.seed, tokenizer=tokenizer)
-  if config.ldm.cache_latents:
+  if config.ldm.cache_latents and config.data.source != "latents":  # precomputed latents need no cache
     latent_cache.check_cacheable(model, config.data)
     one_pass = make_iterator(config.data, config.data.train_split, global_batch_size=config.train.batch_size,
                              seed=config.seed, tokenizer=tokenizer, shuffle=False, num_epochs=1, drop_remainder=False)
