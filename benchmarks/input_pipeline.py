@@ -171,8 +171,9 @@ def time_latents(shards: list[str], dtype: str, workers: int, args: argparse.Nam
 
 
 def needs(flops_report: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Images/s each system needs at ``MFU``, and the cores that takes at the measured images per CPU-second
-  (the best of the worker counts: the one with the least overhead)."""
+  """Images/s each system needs at ``MFU``, and the cores that takes at the measured images per CPU-second:
+  the best of all rows (``cores_needed``), and the best with worker processes (``cores_needed_workers``,
+  which pay for handing images to the main process)."""
   per_image = {r["workload"]: r["flops_per_image"] for r in flops_report["flops"]}
   paths = {
       "jpeg": (per_image["unet_train"] + per_image["vae_encode"], "jpeg via array_record"),
@@ -183,9 +184,12 @@ def needs(flops_report: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict
     for path, (flops, measured) in paths.items():
       candidates = [r for r in rows if r["path"] == measured and (path == "jpeg" or r["dtype"].startswith("float16"))]
       per_core = max(r["images_per_cpu_s"] for r in candidates)
+      with_workers = max((r["images_per_cpu_s"] for r in candidates if r["workers"] > 0), default=None)
       images_per_s = chips * peak * MFU / flops
       out.append(dict(system=name, path=path, flops_per_image=flops, images_per_s_needed=images_per_s,
-                      images_per_s_per_core=per_core, cores_needed=images_per_s / per_core))
+                      images_per_s_per_core=per_core, cores_needed=images_per_s / per_core,
+                      images_per_s_per_core_workers=with_workers,
+                      cores_needed_workers=None if with_workers is None else images_per_s / with_workers))
   return out
 
 
@@ -252,11 +256,14 @@ def markdown(report: dict[str, Any]) -> str:
   for r in report["results"]:
     lines.append(f"| {r['path']} | {r['dtype']} | {r['workers']} | {r['images_per_s']:.1f} | "
                  f"{r['images_per_s_per_process']:.1f} | {r['images_per_cpu_s']:.1f} |")
-  lines += ["", "| system (40% MFU) | input | GFLOP per image | images/s needed | images per CPU-second | cores |",
-            "|---|---|---|---|---|---|"]
+  lines += ["", "| system (40% MFU) | input | GFLOP per image | images/s needed | images per CPU-second | cores "
+            "| with workers: images per CPU-second | cores |", "|---|---|---|---|---|---|---|---|"]
   for r in report["needs"]:
+    workers = ("- | -" if r["cores_needed_workers"] is None else
+               f"{r['images_per_s_per_core_workers']:.0f} | {r['cores_needed_workers']:.1f}")
     lines.append(f"| {r['system']} | {r['path']} | {r['flops_per_image'] / 1e9:.0f} | "
-                 f"{r['images_per_s_needed']:.0f} | {r['images_per_s_per_core']:.0f} | {r['cores_needed']:.1f} |")
+                 f"{r['images_per_s_needed']:.0f} | {r['images_per_s_per_core']:.0f} | {r['cores_needed']:.1f} | "
+                 f"{workers} |")
   return "\n".join(lines)
 
 

@@ -53,13 +53,16 @@ def test_input_pipeline_writes_well_formed_json(tmp_path):
 def test_input_needs_are_arithmetic_on_flop_counts():
   flops = {"flops": [dict(workload="unet_train", flops_per_image=2e12),
                      dict(workload="vae_encode", flops_per_image=1e12)]}
-  rows = [dict(path="jpeg via array_record", dtype="uint8 -> float32", images_per_cpu_s=50.0),
-          dict(path="jpeg via array_record", dtype="uint8 -> float32", images_per_cpu_s=40.0),
-          dict(path="latents via array_record", dtype="float32 -> float32", images_per_cpu_s=9e9),
-          dict(path="latents via array_record", dtype="float16 -> float32", images_per_cpu_s=1000.0)]
+  rows = [dict(path="jpeg via array_record", dtype="uint8 -> float32", workers=0, images_per_cpu_s=50.0),
+          dict(path="jpeg via array_record", dtype="uint8 -> float32", workers=1, images_per_cpu_s=40.0),
+          dict(path="jpeg via folder", dtype="uint8 -> float32", workers=1, images_per_cpu_s=9e9),
+          dict(path="latents via array_record", dtype="float32 -> float32", workers=0, images_per_cpu_s=9e9),
+          dict(path="latents via array_record", dtype="float16 -> float32", workers=0, images_per_cpu_s=1000.0)]
   got = {(r["system"], r["path"]): r for r in needs(flops, rows)}
   h100 = got[("8x H100 SXM", "jpeg")]
   assert h100["images_per_s_needed"] == pytest.approx(8 * 989e12 * 0.4 / 3e12)
   assert h100["cores_needed"] == pytest.approx(8 * 989e12 * 0.4 / 3e12 / 50.0)  # the best rate per CPU-second
+  assert h100["cores_needed_workers"] == pytest.approx(8 * 989e12 * 0.4 / 3e12 / 40.0)  # the best with workers
   v5p = got[("TPU v5p host (4 chips)", "latents (float16)")]
   assert v5p["cores_needed"] == pytest.approx(4 * 459e12 * 0.4 / 2e12 / 1000.0)
+  assert v5p["cores_needed_workers"] is None
