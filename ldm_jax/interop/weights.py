@@ -91,6 +91,8 @@ def _read_torch(file: str) -> dict[str, np.ndarray]:
   try:
     state = torch.load(file, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
+    if "Unsupported operand" in str(e) or "invalid load key" in str(e):  # not a pickle at all: cut or not torch
+      raise ValueError(f"{file} is not a readable PyTorch checkpoint (truncated, or another format)") from None
     # torch's own message suggests weights_only=False, which would run whatever code the file holds.
     raise UnsafeCheckpointError(
         f"{file} was refused: besides tensors it pickles Python objects that loading would have to execute "

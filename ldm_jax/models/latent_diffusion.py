@@ -132,6 +132,8 @@ class LatentDiffusion:
     if self.cond_key == "layout_tokens":
       out["layout_tokens"] = self.cond_stage.module.tokenize(
           corners_to_xywh(batch["boxes"]), batch["box_labels"], batch["num_objects"])
+    elif self.cond_key is not None and "context" in batch and not self.cond_stage.trainable:
+      out["context"] = batch["context"]  # precomputed by the frozen encoder (precompute_latents.py --with_context)
     elif self.cond_key is not None:
       if self.cond_key not in batch:
         raise KeyError(f"the {self.cond_stage.kind} encoder needs batch field {self.cond_key!r}; got {sorted(batch)}")
@@ -218,7 +220,9 @@ class LatentDiffusion:
   def encode_cond(self, params: Any, frozen: Any, inputs: dict[str, Any], *, train: bool = False) -> dict:
     """Conditioning inputs → what the UNet takes: ``context``, ``concat``, ``y``."""
     cond: dict[str, Any] = {}
-    if self.cond_key is not None:
+    if self.cond_key is not None and "context" in inputs:
+      cond["context"] = inputs["context"]
+    elif self.cond_key is not None:
       variables = params["cond"] if self.cond_stage.trainable else frozen["cond"]
       cond["context"] = self.cond_stage.encode(variables, inputs[self.cond_key])
     if self.use_label_emb:

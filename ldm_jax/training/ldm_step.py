@@ -84,6 +84,12 @@ def draw_randomness(model: LatentDiffusion, cfg: LDMStepConfig, rng: jax.Array, 
   return draws
 
 
+def null_context(model: LatentDiffusion, frozen: Any, context: jax.Array) -> jax.Array:
+  """The frozen encoder's output for the empty caption, shaped (1, L, D) like ``context``'s rows."""
+  null = model.null_inputs({model.cond_key: jnp.zeros((1, context.shape[1]), jnp.int32)})
+  return model.cond_stage.encode(frozen["cond"], null[model.cond_key]).astype(context.dtype)
+
+
 def latents_of(model: LatentDiffusion, batch: dict, frozen: Any, posterior_noise: jax.Array) -> jax.Array:
   """Scaled latents of the batch: a posterior sample (KL) or the pre-quantisation latent (VQ).
 
@@ -116,7 +122,10 @@ def make_train_step(
     if "image" in batch:
       inputs = model.derive_inputs(inputs, batch["image"], draws.get("inpaint_mask"))
     if cfg.cond_dropout > 0:
+      context = inputs.pop("context", None)
       inputs = model.drop_inputs(draws["drop"], inputs, drop_concat=cfg.drop_concat)
+      if context is not None:  # precomputed text-encoder outputs: dropped rows get the empty caption's
+        inputs["context"] = jnp.where(draws["drop"][:, None, None], null_context(model, frozen, context), context)
     cond = model.encode_cond(params, frozen, inputs, train=True)
     t, noise = draws["t"], draws["noise"]
     out = model.apply(params, q_sample(schedule, z0, t, noise), t, cond, train=True, rngs={"dropout": rng})

@@ -139,8 +139,8 @@ def test_load_first_stage_errors_name_the_problem(runs, tmp_path):
     load_first_stage(tmp_path)
   weights = tmp_path / "model.ckpt"
   weights.write_bytes(b"x")
-  with pytest.raises(NotImplementedError, match="pass a stage-1 run directory"):
-    load_first_stage(weights)
+  with pytest.raises(ValueError, match="model.ckpt is not a readable PyTorch checkpoint"):
+    load_first_stage(weights)  # a file is read as a published checkpoint
   other = runs["config"].model.to_dict()
   other["embed_dim"] = 5
   message = r"quant_conv/kernel: checkpoint \(1, 1, 6, 6\) vs model \(1, 1, 6, 10\)"
