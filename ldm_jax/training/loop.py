@@ -8,8 +8,8 @@ updated state itself) that runs before anything is saved, checkpoints with
 the data-iterator state, periodic hooks (sample grids, evaluation), and
 clean exit on preemption (SIGTERM) on every process at the same step.
 
-The steady-state step (every step after this run's first) fetches its batch
-and dispatches the compiled step under ``jax.transfer_guard``: an implicit
+The steady-state step (every step after this run's first) is dispatched
+under ``jax.transfer_guard``: an implicit
 host<->device copy there (a NumPy batch, an uncommitted array resharded per
 step) would stall the host on every step, so it fails with ``HostTransferError``
 instead. Checkpoints are written in the background (orbax async); the loop only
@@ -75,8 +75,8 @@ class LoopConfig:
   fsdp_min_size: int = 2**16
   partition_rules: Sequence = ()
   progress_bar: bool = True
-  # jax.transfer_guard level around each steady-state step (batch fetch + step
-  # dispatch): "disallow" turns a per-step implicit transfer into an error,
+  # jax.transfer_guard level around each steady-state step's dispatch:
+  # "disallow" turns a per-step implicit transfer into an error,
   # "log" only logs it, "allow" checks nothing.
   transfer_guard: str = "disallow"
 
@@ -203,10 +203,17 @@ def data_counters(data_iterator: Any) -> dict[str, float]:
 
 def _guarded_step(level: str, step: int, jitted: Callable, state: Any, batches: Iterator[dict], rng: jax.Array,
                   frozen: Any) -> tuple[Any, dict]:
-  """Fetches the next batch and dispatches ``jitted`` under ``jax.transfer_guard(level)``."""
+  """Fetches the next batch, then dispatches ``jitted`` under ``jax.transfer_guard(level)``.
+
+  The fetch stays outside the guard: it is the input pipeline's own, explicit
+  placement (in a multi-process job ``make_array_from_process_local_data``,
+  which the guard would count); a batch left on the host still trips the
+  guard when the step is called with it.
+  """
+  batch = next(batches)
   try:
     with jax.transfer_guard(level):
-      return jitted(state, next(batches), rng, frozen)
+      return jitted(state, batch, rng, frozen)
   except jax.errors.JaxRuntimeError as error:
     message = str(error)
     if "Disallowed" not in message:
@@ -261,7 +268,8 @@ def train_loop(
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
   init_rng, step_rng = jax.random.split(rng)
   # Committed to the step's layout once: an uncommitted key would be copied to every device on every step.
-  step_rng = jax.device_put(step_rng, replicated(mesh))
+  # (A jitted identity, not device_put: in a multi-process job the mesh spans devices this process cannot address.)
+  step_rng = jax.jit(lambda key: key, out_shardings=replicated(mesh))(step_rng)
   abstract, shardings = create_sharded_state(init_fn, init_rng, mesh, cfg, init_args)
 
   restored = checkpointer.restore_newest(
