@@ -14,6 +14,13 @@ The step is the stage-2 UNet objective on precomputed latents and text
 context (the frozen first stage and text encoder are left out: they do not
 train and are not part of the sharded state): eps-prediction L2 loss, AdamW,
 EMA. Meshes are pure FSDP, ``(data, fsdp, tensor) = (1, N, 1)``.
+
+``--lora RANK`` reports LoRA fine-tuning instead (``configs/sd_finetune.py:
+sd15,lora``): the UNet is a frozen argument laid out by the same rules, the
+state holds only the attention adapters, their Adam moments and EMA.
+
+  nice -n 10 python benchmarks/memory_report.py --preset sd_v1 --latent 64 \
+      --devices 1,8,32 --batch_per_device 1 --remat none --fake_devices 32 --lora 4
 """
 
 import argparse
@@ -35,6 +42,8 @@ def _parse(argv):
   p.add_argument("--fake_devices", type=int, default=0, help="CPU devices to fake (0: use the real ones)")
   p.add_argument("--markdown", action="store_true", help="print a markdown table")
   p.add_argument("--skip_compile", action="store_true", help="state bytes only (no lowering/compiling)")
+  p.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+  p.add_argument("--json", default="", help="also write the rows to this JSON file")
   return p.parse_args(argv)
 
 
@@ -63,6 +72,7 @@ def main(argv=None) -> None:
   from ldm_jax.diffusion.parameterization import q_sample
   from ldm_jax.diffusion.schedules import make_schedule
   from ldm_jax.models.unet import UNetModel, unet_preset
+  from ldm_jax.nn.lora import LoRAConfig, apply_adapters, init_adapters
   from ldm_jax.parallel import mesh as mesh_lib
   from ldm_jax.parallel import partitioning
   from ldm_jax.training.ema import ema_update
@@ -85,22 +95,30 @@ def main(argv=None) -> None:
       if fields.get("context_dim"):
         ctx = jax.ShapeDtypeStruct((batch, args.context_len, fields["context_dim"]), jnp.float32)
 
+      def unet_init(rng):
+        return unet.init(rng, jnp.zeros((1, side, side, c_in)), jnp.zeros((1,), jnp.int32),
+                         None if ctx is None else jnp.zeros((1, *ctx.shape[1:])))
+
+      lora = LoRAConfig(rank=args.lora, alpha=float(args.lora)) if args.lora else None
+      key = jax.eval_shape(lambda: jax.random.key(0))
+      base = jax.eval_shape(unet_init, key) if lora else None
+
       def init(rng):
-        params = unet.init(rng, jnp.zeros((1, side, side, c_in)), jnp.zeros((1,), jnp.int32),
-                           None if ctx is None else jnp.zeros((1, *ctx.shape[1:])))
+        params = init_adapters(base, lora, rng) if lora else unet_init(rng)
         return TrainState.create(params, tx, ema=not args.no_ema)
 
-      key = jax.eval_shape(lambda: jax.random.key(0))
       abstract = jax.eval_shape(init, key)
       shardings = partitioning.state_shardings(abstract, mesh)
+      base_shardings = partitioning.state_shardings(base, mesh) if lora else None
 
-      def step(state, z0, context, rng):
+      def step(state, z0, context, rng, frozen_unet=None):
         k_t, k_n, k_d = jax.random.split(rng, 3)
         t = jax.random.randint(k_t, (z0.shape[0],), 0, schedule.num_timesteps)
         noise = jax.random.normal(k_n, z0.shape)
 
         def loss_fn(params):
-          out = unet.apply(params, q_sample(schedule, z0, t, noise), t, context, train=True, rngs={"dropout": k_d})
+          weights = apply_adapters(frozen_unet, params, lora) if lora else params
+          out = unet.apply(weights, q_sample(schedule, z0, t, noise), t, context, train=True, rngs={"dropout": k_d})
           return jnp.mean(jnp.square(out.astype(jnp.float32) - noise))
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -111,7 +129,7 @@ def main(argv=None) -> None:
 
       repl = NamedSharding(mesh, P())
       in_sh = (shardings, mesh_lib.batch_sharding(mesh, 4), None if ctx is None else mesh_lib.batch_sharding(mesh, 3),
-               repl)
+               repl, base_shardings)
       jitted = jax.jit(step, in_shardings=in_sh, out_shardings=(shardings, repl), donate_argnums=(0,))
 
       counted = {}
@@ -120,11 +138,15 @@ def main(argv=None) -> None:
         sub_s = jax.tree.leaves(getattr(shardings, name))
         counted[name] = sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize for a, s in zip(sub_a, sub_s))
       num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params))
+      frozen_b = 0
+      if lora:
+        frozen_b = sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
+                       for a, s in zip(jax.tree.leaves(base), jax.tree.leaves(base_shardings)))
       nan = float("nan")
       args_b = temp_b = peak = flops = seconds = nan
       if not args.skip_compile:
         t0 = time.perf_counter()
-        compiled = jitted.lower(abstract, z, ctx, key).compile()
+        compiled = jitted.lower(abstract, z, ctx, key, base).compile()
         seconds = time.perf_counter() - t0
         mem = compiled.memory_analysis()
         cost = compiled.cost_analysis()
@@ -134,20 +156,28 @@ def main(argv=None) -> None:
         # Donated state aliases the outputs: count it once.
         peak = args_b + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp_b
       rows.append(dict(
-          devices=n, remat=remat, batch=batch, params=num_params, param_b=counted["params"],
+          devices=n, remat=remat, mode=f"lora r{args.lora}" if lora else "full", batch=batch, params=num_params,
+          frozen_b=frozen_b, param_b=counted["params"],
           opt_b=counted["opt_state"], ema_b=counted["ema_params"], args_b=args_b,
           temp_b=temp_b, peak_b=peak, flops=flops, compile_s=seconds,
       ))
       _print_row(rows[-1], args.markdown, header=len(rows) == 1)
       sys.stdout.flush()
+  if args.json:
+    import json
+
+    with open(args.json, "w") as f:
+      json.dump(dict(preset=args.preset, latent=args.latent, compute_dtype=args.compute_dtype, rows=rows), f, indent=1)
 
 
-_COLS = ("devices", "remat", "global batch", "params (M)", "params GiB/dev", "adam GiB/dev", "EMA GiB/dev",
+_COLS = ("devices", "mode", "remat", "global batch", "trained (M)", "frozen UNet GiB/dev", "trained GiB/dev",
+         "adam GiB/dev", "EMA GiB/dev",
          "arguments GiB/dev", "temporaries GiB/dev", "peak GiB/dev", "TFLOP/step/dev", "compile s")
 
 
 def _print_row(r: dict, markdown: bool, header: bool) -> None:
-  vals = (r["devices"], r["remat"], r["batch"], f"{r['params'] / 1e6:.1f}", _gib(r["param_b"]), _gib(r["opt_b"]),
+  vals = (r["devices"], r["mode"], r["remat"], r["batch"], f"{r['params'] / 1e6:.2f}", _gib(r["frozen_b"]),
+          _gib(r["param_b"]), _gib(r["opt_b"]),
           _gib(r["ema_b"]), _gib(r["args_b"]), _gib(r["temp_b"]), _gib(r["peak_b"]), f"{r['flops'] / 1e12:.2f}",
           f"{r['compile_s']:.0f}")
   if markdown:
