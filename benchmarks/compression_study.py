@@ -43,9 +43,12 @@ from ldm_jax.apps.demo import parse_override
 from ldm_jax.assembly import FirstStageWeights, build_model, example_inputs, schedule_from_config, step_config
 from ldm_jax.config import load_config
 from ldm_jax.data import make_iterator
-from ldm_jax.evaluation import shapes_judge
-from ldm_jax.interop.feature_nets import save_judge
+from ldm_jax.data.image_io import to_uint8
+from ldm_jax.evaluation import image_sources, shapes_judge, statistics
+from ldm_jax.evaluation.feature_metrics import frechet_distance
+from ldm_jax.interop.feature_nets import make_feature_net, save_judge
 from ldm_jax.interop.load import first_stage_for
+from ldm_jax.models.first_stage import decode_latents, encode_latents, make_first_stage
 from ldm_jax.parallel.runtime import setup_runtime
 from ldm_jax.training import ldm_step
 from ldm_jax.training.optim import make_optimizer
@@ -70,7 +73,7 @@ class StudySettings:
   batch_size: int = 16
   eval_every: int = 100
   eval_samples: int = 128  # > the judge's 64 features, so the covariance has full rank
-  eval_sampler_steps: int = 20  # DDIM, unguided (the paper's Fig. 6 samples are unguided)
+  eval_sampler_steps: int = 20  # DDIM, unguided
   judge_steps: int = 400
   judge_per_pair: int = 60
   seed: int = 0
@@ -170,6 +173,24 @@ def train_step_cost(config: ml_collections.ConfigDict, first_stage: FirstStageWe
   return {"flops_per_step": float(cost["flops"]), "unet_params": params, "latent_shape": [side, side, c]}
 
 
+def first_stage_floor(config: ml_collections.ConfigDict, first_stage: FirstStageWeights, judge_path: str) -> float:
+  """FD of the validation images after the first stage's round trip (posterior mean, through uint8 as
+  samples are) against the images themselves: about the lowest FD stage 2 can reach through that decoder."""
+  extract = make_feature_net("shapes_judge", judge_weights=judge_path).extractor()
+  model = make_first_stage(first_stage.model_config)
+  round_trip = jax.jit(lambda v, x: decode_latents(model, v, encode_latents(model, v, x)))
+  real, decoded = [], []
+  for batch in image_sources.split_batches(config.data, config.data.eval_split, batch_size=64):
+    real.append(extract(batch["image"])["pool"])
+    decoded.append(extract(to_uint8(np.asarray(round_trip(first_stage.variables, batch["image"]))))["pool"])
+  stats = [statistics.mean_and_covariance(np.concatenate(x)) for x in (decoded, real)]
+  return max(0.0, float(frechet_distance(*stats[0], *stats[1])))  # rounding can give -1e-8
+
+
+def _finished(run_dir: str, steps: int) -> bool:
+  return os.path.isdir(os.path.join(run_dir, "checkpoints", str(steps)))
+
+
 def _read_metrics(run_dir: str) -> list[dict]:
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
@@ -192,29 +213,39 @@ def _judge(workdir: str, s: StudySettings) -> dict:
   return info
 
 
-def run_factor(f: int, workdir: str, s: StudySettings) -> dict:
-  """First stage, then stage 2 with periodic FD, for one factor; its row of the report."""
+def run_factor(f: int, workdir: str, s: StudySettings, previous: dict | None = None) -> dict:
+  """First stage, then stage 2 with periodic FD, for one factor; its row of the report.
+
+  A stage already trained in ``workdir`` is reused; its time is then the one ``previous`` (the
+  last report's row) measured, marked ``"reused": true``.
+  """
   out: dict = {"f": f}
   fdir = os.path.join(workdir, f"f{f}")
+  previous = previous or {}
   if f == 1:
     out["first_stage"] = {"kind": "identity", "embed_dim": EMBED_DIM[f]}
   else:
     ae = autoencoder_config(f, s)
+    reused = _finished(os.path.join(fdir, "autoencoder"), s.ae_steps)
     start = time.perf_counter()
     result = train_app.train_first_stage(ae, os.path.join(fdir, "autoencoder"))
     out["first_stage"] = {
         "kind": "kl", "ch_mult": list(CH_MULT[f]), "embed_dim": EMBED_DIM[f], "ch": ae.model.ddconfig.ch,
         "steps": result.step, "val_psnr_db": result.eval_metrics.get("val/psnr"),
         "scale_factor": result.scale_factor, "train_s": round(time.perf_counter() - start, 1)}
+    if reused and "train_s" in previous.get("first_stage", {}):
+      out["first_stage"].update(train_s=previous["first_stage"]["train_s"], reused=True)
   config = ldm_config(f, s, workdir)
   if f == 1:
     config.first_stage.scale_factor = pixel_scale_factor(config)
     out["first_stage"]["scale_factor"] = config.first_stage.scale_factor
   first_stage = first_stage_for(config)
+  out["first_stage"]["floor_fd"] = first_stage_floor(config, first_stage, os.path.join(workdir, JUDGE_FILE))
   out["cost"] = train_step_cost(config, first_stage)
   print(f"f={f}: latents {out['cost']['latent_shape']}, UNet {out['cost']['unet_params'] / 1e6:.3f}M params, "
         f"{out['cost']['flops_per_step'] / 1e9:.2f} GFLOP per train step of {s.batch_size}", flush=True)
   run_dir = os.path.join(fdir, "ldm")
+  reused = _finished(run_dir, s.ldm_steps)
   start = time.perf_counter()
   result = train_app.train_latent_diffusion(config, run_dir)
   metrics = _read_metrics(run_dir)
@@ -225,6 +256,8 @@ def run_factor(f: int, workdir: str, s: StudySettings) -> dict:
       "fd": sorted({m["step"]: m["eval/fid"] for m in metrics if "eval/fid" in m}.items()),
       "images_per_sec": [m["images_per_sec"] for m in metrics if "images_per_sec" in m][-1:] or None,
   }
+  if reused and "train_s" in previous.get("ldm", {}):
+    out["ldm"].update(train_s=previous["ldm"]["train_s"], reused=True)
   return out
 
 
@@ -232,11 +265,18 @@ def run_study(workdir: str, s: StudySettings) -> dict:
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
+  previous = {}
+  if os.path.isfile(os.path.join(workdir, RESULTS_FILE)):
+    with open(os.path.join(workdir, RESULTS_FILE)) as f:
+      old = json.load(f)
+    previous = {r["f"]: r for r in old["runs"]}
   report = {"settings": dataclasses.asdict(s), "judge": _judge(workdir, s), "runs": []}
   for f in s.factors:
     print(f"\n=== LDM-{f} ===", flush=True)
-    report["runs"].append(run_factor(f, workdir, s))
+    report["runs"].append(run_factor(f, workdir, s, previous.get(f)))
   report["wall_s"] = round(time.perf_counter() - start, 1)
+  if previous:  # this call's wall time, not the training's: rows marked "reused" were measured before
+    report["previous_wall_s"] = old.get("wall_s")
   report["machine"] = {"devices": [str(d) for d in jax.devices()], "cpus": os.cpu_count(),
                        "python": platform.python_version(), "jax": jax.__version__,
                        "command": "python -m benchmarks.compression_study " + " ".join(sys.argv[1:])}
@@ -248,11 +288,12 @@ def run_study(workdir: str, s: StudySettings) -> dict:
 
 
 def summary(report: dict) -> str:
-  lines = ["", "f  latent     GFLOP/step  FD by step"]
+  lines = ["", "f  latent     GFLOP/step  floor  FD by step"]
   for r in report["runs"]:
     fd = ", ".join(f"{step}: {v:.1f}" for step, v in r["ldm"]["fd"])
     shape = "x".join(str(v) for v in r["cost"]["latent_shape"])
-    lines.append(f"{r['f']:<2} {shape:<10} {r['cost']['flops_per_step'] / 1e9:>10.2f}  {fd}")
+    floor = r["first_stage"]["floor_fd"]
+    lines.append(f"{r['f']:<2} {shape:<10} {r['cost']['flops_per_step'] / 1e9:>10.2f}  {floor:5.1f}  {fd}")
   return "\n".join(lines)
 
 
@@ -324,14 +365,14 @@ def plot(report: dict, path: str) -> None:
   _panel(draw, (80, 60, 570, 440), by_steps, "training steps (batch %d)" % s["batch_size"], False, font)
   _panel(draw, (680, 60, 1170, 440), by_flops, "training FLOPs (XLA cost analysis)", True, font)
   draw.text((20, 250), "FD", fill=(0, 0, 0), font=big, anchor="lm")
-  x = 200
+  x = 40
   for r in report["runs"]:
     f = r["f"]
     draw.line([(x, 490), (x + 30, 490)], fill=COLOURS.get(f, (0, 0, 0)), width=3)
     name = "pixels" if f == 1 else "KL-f%d" % f
     draw.text((x + 38, 490), f"LDM-{f} ({name}, latent {'x'.join(map(str, r['cost']['latent_shape']))})",
               fill=(0, 0, 0), font=font, anchor="lm")
-    x += 230
+    x += 290
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   image.save(path, optimize=True)
 

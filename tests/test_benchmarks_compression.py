@@ -29,6 +29,7 @@ def test_tiny_study_writes_report_and_figure(tmp_path):
   (run,) = saved["runs"]
   assert run["f"] == 1 and run["first_stage"]["kind"] == "identity"
   assert run["first_stage"]["scale_factor"] > 1.0  # 1 / std of pixels in [-1, 1]
+  assert abs(run["first_stage"]["floor_fd"]) < 1e-3  # the identity's round trip loses nothing
   assert run["cost"]["latent_shape"] == [32, 32, 3] and run["cost"]["flops_per_step"] > 0
   assert run["ldm"]["steps"] == 4
   assert [step for step, _ in run["ldm"]["fd"]] == [2, 4]  # eval_every=2, one point per step
