@@ -75,7 +75,9 @@ KL_F8 = dict(kind="kl", embed_dim=4, ddconfig=dict(
 # models/first_stage_models/vq-f4-noattn (ddconfig attn_type: none): no mid-block attention, which
 # the paper's inpainting LDM uses to decode 512x512 images with less memory.
 VQ_F4_NOATTN = dict(VQ_F4, ddconfig=dict(VQ_F4["ddconfig"], use_mid_attn=False))
-FIRST_STAGES = {"vq_f4": VQ_F4, "vq_f4_noattn": VQ_F4_NOATTN, "kl_f8": KL_F8}
+# "identity": pixel space (f=1), the LDM-1 baseline of the paper's compression study.
+FIRST_STAGES = {"vq_f4": VQ_F4, "vq_f4_noattn": VQ_F4_NOATTN, "kl_f8": KL_F8,
+                "identity": dict(kind="identity", embed_dim=3)}
 TINY_FIRST_STAGE = dict(kind="kl", embed_dim=3, ddconfig=dict(
     double_z=True, z_channels=3, resolution=32, in_channels=3, out_ch=3, ch=16, ch_mult=(1, 2, 2),
     num_res_blocks=1, attn_resolutions=(), dropout=0.0, norm_num_groups=8, use_mid_attn=False))

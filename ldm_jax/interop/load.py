@@ -85,7 +85,7 @@ def first_stage_for(config: ml_collections.ConfigDict) -> FirstStageWeights:
   if section.checkpoint:
     _, variables, scale, model_config = load_first_stage(section.checkpoint, config=section.get("config") or None)
     return FirstStageWeights(variables, model_config, scale)
-  if section.get("random_init", False):
+  if section.get("random_init", False) or section.model.get("kind") == "identity":  # pixel space: nothing to load
     return random_first_stage(section, config.data.image_size)
   raise ValueError(
       "config.first_stage.checkpoint is empty: train a first stage first "

@@ -126,6 +126,8 @@ def check_pretrained_config(p: ml_collections.ConfigDict) -> None:
 
 
 def _check_first_stage(section: ml_collections.ConfigDict) -> None:
+  if section.get("model") is not None and section.model.get("kind") == "identity":
+    return  # pixel space (LDM-1): no weights
   if section.checkpoint:
     _require(os.path.exists(section.checkpoint), "first_stage.checkpoint", section.checkpoint,
              "an existing stage-1 run directory or published checkpoint")
