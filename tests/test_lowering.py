@@ -68,7 +68,8 @@ def exported() -> dict[str, export.Exported]:
   x_T = jax.ShapeDtypeStruct((2, side, side, model.latent_channels), jnp.float32)
   programs["sampler"] = export.export(_generate, platforms=PLATFORMS)(
       _abstract(schedule), state.ema_params, frozen, prompts, prompts, x_T, key, scalar, scalar, None, None,
-      model=model, sampler_config=sampler_config(config), strength=None, guided=True, blend=False,
+      None, scalar,  # no image-space guidance
+      model=model, sampler_config=sampler_config(config), strength=None, guided=True, blend=False, guide=None,
   )
   return programs
 

@@ -89,8 +89,9 @@ def runs(setup):
   out = {"init": host_init, "sharded_init": sharded_init, "mesh8": mesh8}
   for name, mesh in (("single", _mesh((1, 1, 1), 1)), ("sharded", mesh8)):
     state, sh, fz, b = _place(mesh, host_init, frozen, batch, init)
-    new, metrics = loop.jit_step(step, mesh, sh, b, fz)(state, b, jax.random.key(5), fz)
-    out[name] = (jax.device_get(new), jax.device_get(metrics))
+    jitted = loop.jit_step(step, mesh, sh, b, fz)
+    new, metrics = jitted(state, b, jax.random.key(5), fz)
+    out[name] = (jax.device_get(new), loop.unpack_metrics(jax.device_get(metrics), jitted.metric_names))
   return out
 
 
@@ -142,8 +143,9 @@ def test_remat_and_grad_accumulation_sharded_change_memory_not_results(setup, ru
   init, step = _pieces(setup, remat="save_dots", grad_accum_steps=2)
   mesh = runs["mesh8"]
   state, sh, fz, b = _place(mesh, runs["init"], frozen, batch, init)
-  new, metrics = loop.jit_step(step, mesh, sh, b, fz)(state, b, jax.random.key(5), fz)
-  new, metrics = jax.device_get((new, metrics))
+  jitted = loop.jit_step(step, mesh, sh, b, fz)
+  new, metrics = jax.device_get(jitted(state, b, jax.random.key(5), fz))
+  metrics = loop.unpack_metrics(metrics, jitted.metric_names)
   single, m1 = runs["single"]
   np.testing.assert_allclose(metrics["loss"], m1["loss"], rtol=LOSS_RTOL)
   _assert_same_updates(runs["init"].params, new.params, single.params)
