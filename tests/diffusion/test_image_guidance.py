@@ -104,10 +104,13 @@ def test_correction_is_the_classifier_guidance_form():
   np.testing.assert_allclose(x0 + dx0, (x_t - np.sqrt(1 - a) * eps_hat) / np.sqrt(a), rtol=1e-5, atol=1e-5)
 
 
-def test_strength_zero_is_the_unguided_sampler_bit_for_bit(g):
+def test_strength_zero_is_the_unguided_sampler(g):
   # DDPM draws noise every step and v-prediction converts the output both ways: the most to get wrong.
+  # The guided program (a run-time strength, the guide's branch compiled in) is another XLA program: jax 0.10
+  # gives the unguided samples bit for bit, jax 0.12 fuses differently and differs by one float32 rounding
+  # (9.5e-7 at most, measured); a wrong guidance term at strength 0 would differ by far more.
   config = SamplerConfig(sampler="ddpm", num_steps=20, set_alpha_to_one=True, prediction_type="v")
-  np.testing.assert_array_equal(_run(g, config, strength=0.0, rng=3), _run(g, config, rng=3))
+  np.testing.assert_allclose(_run(g, config, strength=0.0, rng=3), _run(g, config, rng=3), rtol=0, atol=4e-6)
 
 
 def _config(sampler):

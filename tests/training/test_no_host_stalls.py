@@ -102,7 +102,7 @@ def test_training_goes_on_while_a_save_is_in_flight(tmp_path, mesh, monkeypatch)
   result = toy.run(tmp_path, 8, mesh, checkpoint_every=4, meta=meta, hooks=[loop.Hook(1, watch)])
   assert result.step == 8 and in_flight == [5, 6]
 
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.make_single_device_sharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           jax.eval_shape(toy.init, jax.random.key(0)))
   checkpointer = ckpt_lib.Checkpointer(str(ckpts))
