@@ -105,7 +105,8 @@ class InputIterator(grain.DatasetIterator):
 
   def _collate(self, examples: list[dict]) -> dict[str, np.ndarray]:
     batch = {key: np.stack([e[key] for e in examples]) for key in examples[0] if key != "caption"}
-    batch["image"] = to_unit_range(batch["image"])
+    if "image" in batch:  # precomputed latents (data.source=latents) carry none
+      batch["image"] = to_unit_range(batch["image"])
     if "caption" in examples[0]:
       captions = [e["caption"] for e in examples]
       batch["caption"] = np.asarray(captions, dtype=str)

@@ -28,9 +28,8 @@ import msgpack
 import numpy as np
 from array_record.python import array_record_data_source, array_record_module
 
-from ldm_jax.data.batching import InputIterator
+from ldm_jax.data.array_record_source import ArrayRecordSource
 from ldm_jax.data.skipping import ERROR_KEY
-from ldm_jax.data.tokenizers import tokenize
 
 FORMAT = "ldm_jax.latents.v1"
 SHARD_PATTERN = "{split}.latents.array_record-{index:05d}-of-{count:05d}"
@@ -181,16 +180,12 @@ def resolve_latent_shards(path: str, split: str) -> tuple[list[str], dict]:
   return shards, metadata
 
 
-class LatentRecordSource:
-  """Random-access source over latent shards: dicts like ``decode_record``'s."""
+class LatentRecordSource(ArrayRecordSource):
+  """Random-access source over latent shards: dicts like ``decode_record``'s, with the shards' ``metadata``."""
 
   def __init__(self, shards: list[str], metadata: dict | None = None):
-    self.shards = shards
+    super().__init__(shards)
     self.metadata = metadata or {}
-    self._records = array_record_data_source.ArrayRecordDataSource(shards)
-
-  def __len__(self) -> int:
-    return len(self._records)
 
   def __getitem__(self, index: int) -> dict:
     return decode_record(self._records[index])
@@ -232,20 +227,3 @@ class LatentExample:
       else:
         out[key] = np.array(value)  # writable and owned: the record's buffer may be reused
     return out
-
-
-class LatentBatches(InputIterator):
-  """``InputIterator`` for latent records: batches of their fields, no image to rescale.
-
-  Captions are tokenised with the run's tokenizer when there is one (the stored
-  ``tokens`` are then replaced); otherwise stored ``tokens`` pass as they are.
-  """
-
-  def _collate(self, examples: list[dict]) -> dict[str, np.ndarray]:
-    batch = {key: np.stack([e[key] for e in examples]) for key in examples[0] if key != "caption"}
-    if "caption" in examples[0]:
-      captions = [e["caption"] for e in examples]
-      batch["caption"] = np.asarray(captions, dtype=str)
-      if self._tokenizer is not None:
-        batch["tokens"], batch["attention_mask"] = tokenize(self._tokenizer, captions, self._max_length)
-    return batch

@@ -27,7 +27,7 @@ from ldm_jax.data.config import MISSING_CAPTION_POLICIES, validate_image_size
 from ldm_jax.data.degradation import LOW_RES_KINDS, LowRes
 from ldm_jax.data.folder_source import ImageFolderSource
 from ldm_jax.data.inpaint_masks import LAMA_PRESETS, MASK_KINDS, MaskGenerator
-from ldm_jax.data.latent_records import LatentBatches, LatentExample
+from ldm_jax.data.latent_records import LatentExample
 from ldm_jax.data.preprocess import Preprocess
 from ldm_jax.data.sharding import ProcessSlice
 from ldm_jax.data.skipping import SafeRead
@@ -108,7 +108,7 @@ def make_iterator(
             num_workers=data_config.num_workers, per_worker_buffer_size=_PER_WORKER_BUFFER
         )
     )
-  return (LatentBatches if latents else InputIterator)(
+  return InputIterator(
       iter(elements),
       batch_size=global_batch_size // process_count,
       drop_remainder=drop_remainder,
