@@ -1,15 +1,20 @@
 """Fine-tuning Stable Diffusion from its published weights (configs/sd_finetune.py), end to end on the tiny
-random-weight SD folder a test writes with diffusers: the run starts from exactly the published weights and
-schedule, trains, resumes exactly, exports to a folder diffusers loads with the trained weights; LoRA trains
-adapters only, and a LoRA run samples as the frozen UNet plus the adapters' update."""
+random-weight SD folder a test writes with diffusers and tar shards it writes as img2dataset does: the run starts
+from exactly the published weights and schedule, its loss falls, it resumes exactly, it exports to a folder
+diffusers loads with the trained weights; LoRA trains adapters only, and a LoRA run samples as the frozen UNet plus
+the adapters' update."""
 
+import io
+import json
 import os
 import shutil
+import tarfile
 
 import jax
 import numpy as np
 import pytest
 from flax import traverse_util
+from PIL import Image
 from sd_reference import SD_V1_LIKE, diffusers, make_sd_folder, numpy_state
 
 from ldm_jax.apps.train import train_latent_diffusion
@@ -28,10 +33,28 @@ from ldm_jax.training.lora import lora_config
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "sd_finetune.py")
 
 
+def _write_shards(folder, rng) -> None:
+  """Two img2dataset-style tar shards of 8 captioned 40x48 images (smooth colour fields, JPEG)."""
+  folder.mkdir()
+  colours = rng.uniform(0, 255, (8, 2, 3))
+  ramp = np.linspace(0, 1, 48)[None, :, None]
+  for shard in range(2):
+    with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+      for i in range(4 * shard, 4 * shard + 4):
+        pixels = (colours[i, 0] * (1 - ramp) + colours[i, 1] * ramp) * np.ones((40, 1, 1))
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="JPEG", quality=95)
+        for ext, data in (("jpg", buffer.getvalue()), ("txt", f"a colour field {i}".encode())):
+          info = tarfile.TarInfo(f"{i:09d}.{ext}")
+          info.size = len(data)
+          tar.addfile(info, io.BytesIO(data))
+
+
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
   root = tmp_path_factory.mktemp("sd_finetune")
   ref = make_sd_folder(root, SD_V1_LIKE, seed=21)
+  _write_shards(root / "shards", np.random.default_rng(0))
   return root, ref
 
 
@@ -39,7 +62,7 @@ def _config(sd, *switches, **train):
   root, _ = sd
   config = load_config(f"{CONFIG}:" + ",".join(("sd15", "tiny") + switches))
   config.pretrained.path = str(root / "sd")
-  config.data.data_dir = str(root / "data")
+  config.data.update(source="webdataset", path=str(root / "shards" / "{00000..00001}.tar"), num_threads=0)
   config.compilation_cache_dir = str(root / "xla")  # the resumed run reuses the first run's compiled step
   config.train.update(**train)
   return config
@@ -88,6 +111,13 @@ def test_full_finetune_trains_resumes_exactly_and_exports_to_diffusers(sd, tmp_p
   _assert_trees_equal(load_pipeline(str(run), use_ema=False).params, load_pipeline(str(resumed), use_ema=False).params)
   a, b = load_pipeline(str(run)), load_pipeline(str(resumed))
   _assert_trees_equal(a.params, b.params)
+
+  # Longer, on the same 8 images (the same compiled step, from the cache): the loss falls. Each step draws other
+  # timesteps and noise, so compare the means of the first and last five steps.
+  longer = tmp_path / "longer"
+  train_latent_diffusion(_config(sd, num_steps=20, checkpoint_every=20, log_every=1), str(longer))
+  losses = [json.loads(line)["loss"] for line in (longer / "metrics.jsonl").read_text().splitlines()]
+  assert len(losses) == 20 and np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses
 
   # Trained: the UNet moved away from the published one; the frozen parts did not.
   published = load_pretrained_pipeline(str(root / "sd"))
