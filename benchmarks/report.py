@@ -57,13 +57,14 @@ def write_json(path: str, report: dict[str, Any]) -> None:
     f.write("\n")
 
 
-def _provenance(report: dict[str, Any]) -> str:
+def provenance(report: dict[str, Any]) -> str:
   """The command, machine, load and library versions behind a report, as one Markdown line."""
   m = report["machine"]
   load = f"load average at start {m['load_average'][0]:.2f}"
   if "load_average_end" in report:
     load += f", at end {report['load_average_end'][0]:.2f}"
-  return (f"`{m['command']}` — {m['cpu']}, {m['cores']} cores, {m['device_kind']}; {load}; git {m['git']}; "
+  env = f"`XLA_FLAGS={m['xla_flags']}` " if m.get("xla_flags") else ""
+  return (f"{env}`{m['command']}` — {m['cpu']}, {m['cores']} cores, {m['device_kind']}; {load}; git {m['git']}; "
           f"jax {m['versions']['jax']}, torch {m['versions']['torch']}, diffusers {m['versions']['diffusers']}.")
 
 
@@ -75,7 +76,7 @@ def markdown_flops(report: dict[str, Any]) -> str:
   for row in report["flops"]:
     lines.append(f"| {row['workload']} | {_fmt(row['flops_per_step'] and row['flops_per_step'] / 1e9, '.2f')} | "
                  f"{_fmt(row['flops_per_image'] and row['flops_per_image'] / 1e9, '.2f')} |")
-  return "\n".join(lines + ["", _provenance(report)])
+  return "\n".join(lines + ["", provenance(report)])
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -91,7 +92,7 @@ def markdown(report: dict[str, Any]) -> str:
       sides.append((entry["ref_name"], entry["ref"], None))
     for side, r, ratio in sides:
       lines.append("| " + " | ".join(_row(entry["workload"], side, r, ratio)) + " |")
-  return "\n".join(lines + ["", _provenance(report)])
+  return "\n".join(lines + ["", provenance(report)])
 
 
 if __name__ == "__main__":
