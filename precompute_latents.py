@@ -16,6 +16,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from ldm_jax.apps.process_flags import setup_process
 from ldm_jax.config import check_override_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/FILE.py[:VARIANTS]", lock_config=True)
@@ -25,25 +26,15 @@ _DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Storage 
 _WITH_CONTEXT = flags.DEFINE_bool("with_context", False, "Also store the frozen text encoder's output.")
 _SPLITS = flags.DEFINE_list("splits", None, "Splits to encode (default: config.data.train_split).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Images per encoder call (default: config.train.batch_size).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 
 
 def main(argv):
   del argv
-  from ldm_jax.parallel.runtime import setup_runtime
-
-  config = _CONFIG.value
-  setup_runtime(
-      compilation_cache_dir=config.get("compilation_cache_dir", "~/.cache/ldm_jax/xla"),
-      coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-      cpu_devices=config.mesh.get("cpu_devices", 0),
-  )
+  setup_process(_CONFIG.value)
   from ldm_jax.apps.precompute_latents import precompute
 
   try:
-    precompute(config, _OUT.value, num_shards=_NUM_SHARDS.value, dtype=_DTYPE.value,
+    precompute(_CONFIG.value, _OUT.value, num_shards=_NUM_SHARDS.value, dtype=_DTYPE.value,
                with_context=_WITH_CONTEXT.value, splits=tuple(_SPLITS.value or ()), batch_size=_BATCH.value)
   except (ValueError, FileNotFoundError) as e:  # bad settings and missing data: one line, no traceback
     sys.exit(f"error: {e}")

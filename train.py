@@ -14,28 +14,18 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from ldm_jax.apps.process_flags import setup_process
 from ldm_jax.config import ConfigError, check_override_flags, write_config
 from ldm_jax.training.preemption import PREEMPTED_EXIT_CODE, exit_on_sigterm
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/FILE.py[:VARIANTS]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples).", required=True)
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 
 
 def main(argv):
   del argv
-  from ldm_jax.parallel.runtime import setup_runtime
-
   config = _CONFIG.value
-  setup_runtime(
-      compilation_cache_dir=config.get("compilation_cache_dir", "~/.cache/ldm_jax/xla"),
-      coordinator_address=_COORDINATOR.value,
-      num_processes=_NUM_PROCESSES.value,
-      process_id=_PROCESS_ID.value,
-      cpu_devices=config.mesh.get("cpu_devices", 0),
-  )
+  setup_process(config)
   import jax
 
   from ldm_jax.apps.train import STAGES, check, train
