@@ -6,7 +6,7 @@ pipeline has one), ``scheduler/`` and ``model_index.json``, so that
 ``load_pretrained_pipeline(out)`` gives back exactly the same weights.
 
     python -m ldm_jax.interop.export RUN_DIR OUT_DIR [--no-ema]
-    python -m ldm_jax.interop.export RUN_DIR model.safetensors --single_file
+    python -m ldm_jax.interop.export RUN_DIR model.safetensors --single_file   # SD 2.x: + model.yaml
     python -m ldm_jax.interop.export LORA_RUN_DIR lora.safetensors --lora
 
 Only what the diffusers SD pipeline can express exports: a KL autoencoder, a
@@ -29,6 +29,8 @@ from ldm_jax.interop.diffusers_unet import original_unet_to_diffusers
 from ldm_jax.interop.diffusers_vae import diffusers_config_from_first_stage, original_vae_to_diffusers
 from ldm_jax.interop.load import load_pipeline
 from ldm_jax.interop.lora_files import save_lora
+from ldm_jax.interop.openclip import transformers_text_to_openclip
+from ldm_jax.interop.reference_yaml import write_reference_yaml
 from ldm_jax.interop.run_dirs import load_run_adapters
 from ldm_jax.models.unet import UNetModel
 
@@ -165,28 +167,60 @@ def export_diffusers(pipeline, out_dir: str) -> None:
 
 
 def export_single_file(pipeline, path: str) -> None:
-  """Writes ``pipeline`` as an original Stable Diffusion v1-layout ``.safetensors`` file.
+  """Writes ``pipeline`` as an original Stable Diffusion ``.safetensors`` file.
 
-  Keys as the CompVis checkpoints have them (``model.diffusion_model.*``,
-  ``first_stage_model.*``, ``cond_stage_model.transformer.text_model.*``),
-  so the original scripts, diffusers' ``from_single_file`` and
-  ``load_pretrained_pipeline`` read it. SD 2.x's OpenCLIP text tower has
-  another layout: export those as a diffusers folder.
+  Keys as the CompVis / Stability checkpoints have them
+  (``model.diffusion_model.*``, ``first_stage_model.*``), so the original
+  scripts, diffusers' ``from_single_file`` and ``load_pretrained_pipeline``
+  read it. The text encoder decides the layout: CLIP ViT-L/14 style (QuickGELU,
+  last layer) as SD 1.x (``cond_stage_model.transformer.text_model.*``); GELU
+  encoders as SD 2.x's OpenCLIP tower (``cond_stage_model.model.*``), read at
+  its penultimate layer, with the reference YAML written beside the file
+  (``<stem>.yaml``: the weights do not say eps or v).
   """
   if not path.endswith(".safetensors"):
     raise ValueError(f"{path}: single-file exports are .safetensors")
   model = pipeline.model
-  if model.cond_stage.kind != "clip" or model.cond_stage.module.projection_dim is not None \
-      or getattr(model.cond_stage.module, "output_layer", "last") != "last":
-    raise ValueError("only SD 1.x-style models (CLIP ViT-L/14 last layer) export to an original single file; "
-                     "export SD 2.x as a diffusers folder (export_diffusers)")
+  if model.cond_stage.kind != "clip":
+    raise ValueError(f"only CLIP-conditioned models export to a Stable Diffusion file, not cond_stage kind "
+                     f"{model.cond_stage.kind!r}")
+  hp = model.cond_stage.module.hyperparameters()
   params, frozen = jax.device_get(pipeline.params), jax.device_get(pipeline.frozen)
   state = {}
-  for prefix, variables in (("model.diffusion_model.", params["unet"]), ("first_stage_model.", frozen["first_stage"]),
-                            ("cond_stage_model.transformer.", frozen["cond"])):
-    state.update({prefix + k: np.ascontiguousarray(v, np.float32) for k, v in naming.flax_to_torch(variables).items()})
+  for prefix, variables in (("model.diffusion_model.", params["unet"]), ("first_stage_model.", frozen["first_stage"])):
+    state.update({prefix + k: v for k, v in naming.flax_to_torch(variables).items()})
+  text = naming.flax_to_torch(frozen["cond"])
+  if hp["hidden_act"] == "quick_gelu" and hp["output_layer"] == "last" and hp["projection_dim"] is None:
+    state.update({"cond_stage_model.transformer." + k: v for k, v in text.items()})
+    config_path = None
+  elif hp["hidden_act"] == "gelu":
+    state.update(transformers_text_to_openclip(_penultimate_layout(text, hp), prefix="cond_stage_model.model."))
+    config_path = os.path.splitext(path)[0] + ".yaml"
+  else:
+    raise ValueError(f"a CLIP text encoder with hidden_act={hp['hidden_act']!r}, output_layer="
+                     f"{hp['output_layer']!r}, projection_dim={hp['projection_dim']} is neither SD 1.x's nor "
+                     "SD 2.x's: export it as a diffusers folder (export_diffusers)")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  save_file(state, path)
+  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, path)
+  if config_path:
+    heads = {} if hp["hidden_size"] // 64 == hp["num_attention_heads"] else \
+        {"num_attention_heads": hp["num_attention_heads"]}  # our loader's key; SD 2's 16 heads are implied
+    write_reference_yaml(pipeline, config_path, clip_params={"freeze": True, "layer": "penultimate", **heads})
+
+
+def _penultimate_layout(text: Mapping[str, np.ndarray], hp: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """A CLIP text model read at its last layer as one read at its penultimate (SD 2.x's layout).
+
+  diffusers' SD 2.x encoder is OpenCLIP's first 23 of 24 blocks read at the
+  last; the original file holds all 24 and reads the output of the 23rd. The
+  24th block is never run, so it is written as zeros.
+  """
+  if hp["output_layer"] == "penultimate":
+    return dict(text)
+  layers = hp["num_hidden_layers"]
+  unused = {k.replace(".layers.0.", f".layers.{layers}."): np.zeros_like(v)
+            for k, v in text.items() if k.startswith("text_model.encoder.layers.0.")}
+  return {**text, **unused}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("checkpoint", help="a run directory (or any checkpoint load_pipeline accepts)")
   parser.add_argument("out", help="diffusers folder to write (a .safetensors file with --single_file or --lora)")
   parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
-  parser.add_argument("--single_file", action="store_true", help="an original SD v1-layout .safetensors file")
+  parser.add_argument("--single_file", action="store_true",
+                      help="an original SD .safetensors file (SD 2.x: with its .yaml)")
   parser.add_argument("--lora", action="store_true",
                       help="a LoRA run's adapters only, in the layout diffusers' load_lora_weights reads")
   args = parser.parse_args(argv)

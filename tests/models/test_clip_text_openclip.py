@@ -12,7 +12,7 @@ import pytest
 from test_cond_helpers import assert_close
 
 from ldm_jax.interop import naming
-from ldm_jax.interop.openclip import openclip_text_to_transformers
+from ldm_jax.interop.openclip import openclip_text_to_transformers, transformers_text_to_openclip
 from ldm_jax.models.clip_text import CLIPTextModel
 
 VOCAB, WIDTH, HEADS, LAYERS, CONTEXT, EMBED, LENGTH = 99, 32, 4, 3, 16, 24, 16
@@ -136,3 +136,16 @@ def test_unknown_openclip_keys_are_named():
     openclip_text_to_transformers(sd)
   with pytest.raises(ValueError, match="no OpenCLIP text-tower keys"):
     openclip_text_to_transformers(sd, prefix="cond_stage_model.transformer.")
+
+
+def test_transformers_names_go_back_to_openclip_exactly():
+  """The export direction (SD 2.x single files) inverts the load direction, q/k/v fusion included."""
+  original = {k: v for k, v in random_openclip_state_dict(3).items()
+              if k.startswith(PREFIX) and "visual." not in k and not k.endswith(("logit_scale", "attn_mask"))}
+  back = transformers_text_to_openclip(openclip_text_to_transformers(original, prefix=PREFIX), prefix=PREFIX)
+  assert back.keys() == original.keys()
+  for key, value in original.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+  with pytest.raises(naming.StateDictMismatchError, match="k_proj"):
+    transformers_text_to_openclip({"text_model.encoder.layers.0.self_attn.q_proj.weight": np.ones((2, 2)),
+                                   "text_model.encoder.layers.0.self_attn.v_proj.weight": np.ones((2, 2))})
