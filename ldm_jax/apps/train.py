@@ -6,6 +6,8 @@ the first stage, a frozen text encoder and the FID network for stage 2) and
 hands it over.
 """
 
+import os
+
 import jax
 import ml_collections
 
@@ -15,7 +17,9 @@ from ldm_jax.interop.finetune import start_from_pretrained, unet_init_params
 from ldm_jax.interop.load import first_stage_for, frozen_cond_variables
 from ldm_jax.interop.lpips import load_lpips_params
 from ldm_jax.training import train_autoencoder, train_ldm
+from ldm_jax.training.checkpoint import saved_steps
 from ldm_jax.training.config_check import check_training_config
+from ldm_jax.training.lora import lora_config
 
 STAGES = ("autoencoder", "ldm")
 
@@ -44,15 +48,22 @@ def train_first_stage(config: ml_collections.ConfigDict, workdir: str) -> train_
 
 def train_latent_diffusion(config: ml_collections.ConfigDict, workdir: str) -> train_ldm.TrainResult:
   check(config)
+  # A resumed run restores its UNet from its own checkpoint (or fails loudly): the starting weights
+  # are not read again, except a LoRA run's frozen base UNet, which its checkpoints do not hold.
+  need_unet = not saved_steps(os.path.join(workdir, "checkpoints")) or lora_config(config) is not None
+  unet_params = None
   if config.get("pretrained") is not None and config.pretrained.path:
-    start = start_from_pretrained(config)  # one read of the published model: config and weights
+    # One read of the published model: the completed config and the weights.
+    start = start_from_pretrained(config, with_unet=need_unet)
     config, first_stage, cond_variables = start.config, start.first_stage, start.cond_variables
     model = build_model(config, first_stage.model_config, first_stage.scale_factor)
-    unet_params = start.unet_params if start.unet_params is not None else unet_init_params(config, model)
+    unet_params = start.unet_params
   else:
     first_stage = first_stage_for(config)
     model = build_model(config, first_stage.model_config, first_stage.scale_factor)
-    cond_variables, unet_params = frozen_cond_variables(model, config), unet_init_params(config, model)
+    cond_variables = frozen_cond_variables(model, config)
+  if need_unet and unet_params is None:
+    unet_params = unet_init_params(config, model)
   feature_net = None
   if config.get("eval") is not None and config.eval.every > 0:
     e = config.eval

@@ -71,8 +71,12 @@ class PretrainedStart:
   unet_params: Any
 
 
-def start_from_pretrained(config: ml_collections.ConfigDict) -> PretrainedStart:
-  """Reads ``config.pretrained.path`` once: the completed config and the weights to start from."""
+def start_from_pretrained(config: ml_collections.ConfigDict, *, with_unet: bool = True) -> PretrainedStart:
+  """Reads ``config.pretrained.path`` once: the completed config and the weights to start from.
+
+  ``with_unet=False`` (a run resuming from its own checkpoint) skips converting
+  the UNet's weights: ``unet_params`` is None.
+  """
   p = config.pretrained
   check_pretrained_config(p)
   parts = read_parts(p.path, use_ema=p.weights == "ema", tokenizer=p.tokenizer or None,
@@ -81,7 +85,7 @@ def start_from_pretrained(config: ml_collections.ConfigDict) -> PretrainedStart:
     what = "a tokenizer folder (pretrained.tokenizer)" if parts["cond_stage"]["kind"] == "clip" else "a CLIP encoder"
     raise ValueError(f"{p.path}: fine-tuning a text-to-image model needs {what}")
   source_model, _, max_length = build_from_parts(parts, "float32")
-  params, frozen = convert_weights(source_model, parts, max_length)
+  params, frozen = convert_weights(source_model, parts, max_length, with_unet=with_unet)
   own_first_stage = bool(config.first_stage.checkpoint)  # another first stage than the model's own was asked for
   config = completed_config(config, parts)
   if own_first_stage:
@@ -89,7 +93,7 @@ def start_from_pretrained(config: ml_collections.ConfigDict) -> PretrainedStart:
   else:
     first_stage = FirstStageWeights(frozen["first_stage"], parts["first_stage"], parts["scale_factor"])
   unet = None
-  if not p.unet_from:
+  if with_unet and not p.unet_from:
     unet = adapt_unet_params(params["unet"], _unet_template(config, first_stage), p.extra_in_channels, p.path)
   return PretrainedStart(config, first_stage, frozen.get("cond"), unet)
 

@@ -242,8 +242,11 @@ def build_from_parts(parts: dict[str, Any], compute_dtype: str):
   return model, tok, max_length
 
 
-def convert_weights(model, parts: dict[str, Any], max_length: int):
-  """(params, frozen) from the parts' PyTorch state dict; every problem of every component in one error."""
+def convert_weights(model, parts: dict[str, Any], max_length: int, *, with_unet: bool = True):
+  """(params, frozen) from the parts' PyTorch state dict; every problem of every component in one error.
+
+  ``with_unet=False`` leaves the UNet out (``params`` without ``"unet"``).
+  """
   state, what = parts["state"], parts["what"]
   templates = weight_templates(model, max_length)
   errors, out = [], {}
@@ -256,6 +259,8 @@ def convert_weights(model, parts: dict[str, Any], max_length: int):
     cond_state = parts["cond_state"] if parts["cond_state"] is not None else {
         k: v for k, v in state.items() if k.startswith(ldm_config.COND_PREFIX)}
     jobs["cond"] = lambda: load_cond_stage_variables(model.cond_stage, cond_state, templates["cond"])
+  if not with_unet:
+    del jobs["unet"]
   if "concat" in templates:  # the reference keeps a concat encoder (SpatialRescaler) as its cond_stage_model
     jobs["concat"] = lambda: naming.torch_to_flax(state, templates["concat"], strip_prefix=ldm_config.COND_PREFIX,
                                                   what=what)
@@ -277,7 +282,7 @@ def convert_weights(model, parts: dict[str, Any], max_length: int):
 
 def split_params_frozen(model, components: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
   """``{"unet", "first_stage", "cond"}`` variables as the pipeline's (params, frozen)."""
-  params, frozen = {"unet": components["unet"]}, {"first_stage": components["first_stage"]}
+  params, frozen = {"unet": components["unet"]} if "unet" in components else {}, {"first_stage": components["first_stage"]}
   if "cond" in components:
     (params if model.cond_stage.trainable else frozen)["cond"] = components["cond"]
   if "concat" in components:

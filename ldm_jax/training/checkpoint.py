@@ -144,6 +144,17 @@ def _whole_replicas_on_cpu() -> None:
       absl_logger.setLevel(level)
 
 
+def saved_steps(directory: str) -> list[int]:
+  """Steps of the checkpoint folders under ``directory``, without opening them ([] if there is none).
+
+  Unfinished saves (orbax's temporary folders) and checkpoints moved aside
+  as corrupt do not count.
+  """
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
 class Checkpointer:
   """Saves and restores a run's checkpoints under ``directory``."""
 

@@ -17,6 +17,7 @@ from flax import traverse_util
 from PIL import Image
 from sd_reference import SD_V1_LIKE, diffusers, make_sd_folder, numpy_state
 
+from ldm_jax.apps import train as apps_train
 from ldm_jax.apps.train import train_latent_diffusion
 from ldm_jax.assembly import schedule_from_config
 from ldm_jax.config import ConfigError, load_config
@@ -97,17 +98,23 @@ def test_start_takes_weights_and_schedule_from_the_published_model(sd):
   assert c.unet.model_channels == 32 and c.unet.context_dim == 768
 
 
-def test_full_finetune_trains_resumes_exactly_and_exports_to_diffusers(sd, tmp_path):
+def test_full_finetune_trains_resumes_exactly_and_exports_to_diffusers(sd, tmp_path, monkeypatch):
   root, ref = sd
   run = tmp_path / "run"
+  unet_read = []  # with_unet of each start_from_pretrained call
+  start = apps_train.start_from_pretrained
+  monkeypatch.setattr(apps_train, "start_from_pretrained",
+                      lambda config, **kw: unet_read.append(kw["with_unet"]) or start(config, **kw))
   result = train_latent_diffusion(_config(sd, num_steps=4, checkpoint_every=2, log_every=1), str(run))
   assert result.step == 4 and np.isfinite(result.last_metrics["loss"])
 
-  # Resume from step 2: the same state at step 4 as the uninterrupted run (nothing re-initialised).
+  # Resume from step 2: the same state at step 4 as the uninterrupted run (nothing re-initialised), without
+  # converting the published UNet again (the checkpoint holds it).
   resumed = tmp_path / "resumed"
   shutil.copytree(run, resumed)
   shutil.rmtree(resumed / "checkpoints" / "4")
   train_latent_diffusion(_config(sd, num_steps=4, checkpoint_every=2, log_every=1), str(resumed))
+  assert unet_read == [True, False]
   _assert_trees_equal(load_pipeline(str(run), use_ema=False).params, load_pipeline(str(resumed), use_ema=False).params)
   a, b = load_pipeline(str(run)), load_pipeline(str(resumed))
   _assert_trees_equal(a.params, b.params)
