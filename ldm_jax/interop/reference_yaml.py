@@ -43,8 +43,18 @@ def linear_schedule_ends(betas: np.ndarray) -> tuple[float, float]:
 
 def reference_config(pipeline, *, clip_target: str = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
                      clip_params: dict[str, Any] | None = None) -> dict[str, Any]:
-  """The reference ``LatentDiffusion`` config of a KL-autoencoder, CLIP-conditioned ``pipeline``."""
+  """The reference ``LatentDiffusion`` config of a KL-autoencoder, CLIP-conditioned ``pipeline``.
+
+  SD inpainting models (``concat_kind == "inpaint"``: z_t, mask, masked
+  latent) become the reference's ``LatentInpaintDiffusion`` with ``hybrid``
+  conditioning.
+  """
   model = pipeline.model
+  if model.concat_kind not in ("none", "inpaint") or model.inpaint_latent_first:
+    raise ValueError(f"Stable Diffusion files hold text-to-image or SD-inpainting models, not concat kind "
+                     f"{model.concat_kind!r}" + (" in the paper's [z_t, masked latent, mask] order"
+                                                 if model.inpaint_latent_first else ""))
+  inpaint = model.concat_kind == "inpaint"
   fs = model.first_stage
   factor = 2 ** (len(fs.ddconfig["ch_mult"]) - 1)
   unet = {k: getattr(model.unet, k) for k in _REFERENCE_UNET_KEYS}
@@ -56,7 +66,8 @@ def reference_config(pipeline, *, clip_target: str = "ldm.modules.encoders.modul
       parameterization=pipeline.prediction_type, linear_start=start, linear_end=end,
       timesteps=int(np.shape(pipeline.schedule.betas)[0]), num_timesteps_cond=1, log_every_t=200,
       first_stage_key="jpg", cond_stage_key="txt", image_size=pipeline.image_size // factor,
-      channels=fs.embed_dim, cond_stage_trainable=False, conditioning_key="crossattn", monitor="val/loss_simple_ema",
+      channels=fs.embed_dim, cond_stage_trainable=False, conditioning_key="hybrid" if inpaint else "crossattn",
+      monitor="val/loss_simple_ema",
       scale_factor=float(model.scale_factor), use_ema=False,
       unet_config={"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
       first_stage_config={"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
@@ -64,8 +75,8 @@ def reference_config(pipeline, *, clip_target: str = "ldm.modules.encoders.modul
           "lossconfig": {"target": "torch.nn.Identity"}}},
       cond_stage_config={"target": clip_target, "params": dict(clip_params or {})},
   )
-  return _plain({"model": {"base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-                           "params": params}})
+  target = "ldm.models.diffusion.ddpm." + ("LatentInpaintDiffusion" if inpaint else "LatentDiffusion")
+  return _plain({"model": {"base_learning_rate": 1.0e-4, "target": target, "params": params}})
 
 
 def write_reference_yaml(pipeline, path: str, **kwargs: Any) -> None:

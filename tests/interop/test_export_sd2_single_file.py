@@ -9,6 +9,8 @@ are) gives the same context to 1e-6, and the UNet's v-prediction survives
 through the YAML.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -18,7 +20,9 @@ from safetensors.numpy import load_file
 from sd_reference import SD_V1_LIKE, SD_V2_LIKE, make_sd_folder
 
 from ldm_jax.interop.export import export_single_file
+from ldm_jax.interop.ldm_config import sections_from_ldm_config
 from ldm_jax.interop.pretrained import load_pretrained_pipeline
+from ldm_jax.interop.reference_yaml import reference_config
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +75,16 @@ def test_sd1_style_text_encoder_keeps_the_v1_layout(tmp_path_factory):
   export_single_file(load_pretrained_pipeline(str(root / "sd")), str(path))
   assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in load_file(str(path)))
   assert not (root / "sd1.yaml").exists()
+
+
+def test_inpainting_models_get_the_reference_inpainting_config(v2):
+  _, ours = v2
+  inpaint = dataclasses.replace(ours, model=dataclasses.replace(ours.model, concat_kind="inpaint"))
+  config = reference_config(inpaint)
+  assert config["model"]["target"].endswith("LatentInpaintDiffusion")
+  sections = sections_from_ldm_config(config)  # what the loader makes of it
+  assert sections["concat"] == {"kind": "inpaint"} and sections["prediction_type"] == "v"
+  assert sections["unet"]["use_linear_in_transformer"] and sections["scale_factor"] == ours.model.scale_factor
+  paper_order = dataclasses.replace(ours.model, concat_kind="inpaint", inpaint_latent_first=True)
+  with pytest.raises(ValueError, match="masked latent, mask"):
+    reference_config(dataclasses.replace(ours, model=paper_order))
