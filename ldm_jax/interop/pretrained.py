@@ -282,7 +282,8 @@ def convert_weights(model, parts: dict[str, Any], max_length: int, *, with_unet:
 
 def split_params_frozen(model, components: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
   """``{"unet", "first_stage", "cond"}`` variables as the pipeline's (params, frozen)."""
-  params, frozen = {"unet": components["unet"]} if "unet" in components else {}, {"first_stage": components["first_stage"]}
+  params = {"unet": components["unet"]} if "unet" in components else {}
+  frozen = {"first_stage": components["first_stage"]}
   if "cond" in components:
     (params if model.cond_stage.trainable else frozen)["cond"] = components["cond"]
   if "concat" in components:
