@@ -239,9 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(_line(rows[-1]), flush=True)
   report.update(results=rows, needs=needs(flops_report, rows), load_average_end=os.getloadavg())
   print(markdown(report))
-  if args.out:
-    write_json(args.out, report)
-    print(f"wrote {args.out}", file=sys.stderr)
+  write_json(args.out, report)
   return report
 
 

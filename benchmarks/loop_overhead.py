@@ -160,9 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for i, save in enumerate(saves, start=1):
     print(f"save {i} of {args.save_mb:g} MB: blocked {1e3 * save['blocked_s']:.0f} ms, "
           f"on disk after {1e3 * save['on_disk_s']:.0f} ms")
-  if args.out:
-    write_json(args.out, report)
-    print(f"wrote {args.out}", file=sys.stderr)
+  write_json(args.out, report)
   return report
 
 

@@ -158,9 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   report = dict(machine=machine_info(sys.argv[1:] if argv is None else argv, module="benchmarks.lowering"),
                 settings=dataclasses.asdict(settings), seconds=time.perf_counter() - start, rows=rows)
   print(markdown(report))
-  if args.out:
-    write_json(args.out, report)
-    print(f"wrote {args.out}", file=sys.stderr)
+  write_json(args.out, report)
   return report
 
 

@@ -132,16 +132,14 @@ def main(argv=None) -> None:
                repl, base_shardings)
       jitted = jax.jit(step, in_shardings=in_sh, out_shardings=(shardings, repl), donate_argnums=(0,))
 
-      counted = {}
-      for name in ("params", "opt_state", "ema_params"):
-        sub_a = jax.tree.leaves(getattr(abstract, name))
-        sub_s = jax.tree.leaves(getattr(shardings, name))
-        counted[name] = sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize for a, s in zip(sub_a, sub_s))
+      def bytes_per_device(tree, tree_shardings) -> int:
+        return sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
+                   for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(tree_shardings)))
+
+      counted = {name: bytes_per_device(getattr(abstract, name), getattr(shardings, name))
+                 for name in ("params", "opt_state", "ema_params")}
       num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params))
-      frozen_b = 0
-      if lora:
-        frozen_b = sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
-                       for a, s in zip(jax.tree.leaves(base), jax.tree.leaves(base_shardings)))
+      frozen_b = bytes_per_device(base, base_shardings) if lora else 0
       nan = float("nan")
       args_b = temp_b = peak = flops = seconds = nan
       if not args.skip_compile:

@@ -211,9 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       results[name]["torch"] = theirs(tb.BUILDERS[name](torch_models).step)
   report = dict(machine=machine, settings=vars(args), results=results, load_average_end=os.getloadavg())
   print(markdown(report))
-  if args.out:
-    write_json(args.out, report)
-    print(f"wrote {args.out}", file=sys.stderr)
+  write_json(args.out, report)
   return report
 
 

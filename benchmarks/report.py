@@ -1,6 +1,7 @@
 """The results table (stdout) and the JSON file."""
 
 import json
+import sys
 from typing import Any
 
 _COLUMNS = (
@@ -51,10 +52,14 @@ def flops_table(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def write_json(path: str, report: dict[str, Any]) -> None:
+def write_json(path: str | None, report: dict[str, Any]) -> None:
+  """Writes ``report`` to ``path`` and says so on stderr; no ``path`` (an entry point's unset ``--out``): nothing."""
+  if not path:
+    return
   with open(path, "w") as f:
     json.dump(report, f, indent=1, sort_keys=False)
     f.write("\n")
+  print(f"wrote {path}", file=sys.stderr)
 
 
 def provenance(report: dict[str, Any]) -> str:
@@ -96,8 +101,6 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-  import sys
-
   for path in sys.argv[1:]:
     with open(path) as f:
       print(markdown(json.load(f)), end="\n\n")

@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       )
     report["load_average_end"] = os.getloadavg()
     print(table(report["results"]))
-  if args.out:
-    write_json(args.out, report)
-    print(f"wrote {args.out}", file=sys.stderr)
+  write_json(args.out, report)
   return report
 
 

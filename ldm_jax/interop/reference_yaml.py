@@ -41,9 +41,8 @@ def linear_schedule_ends(betas: np.ndarray) -> tuple[float, float]:
   return start, end
 
 
-def reference_config(pipeline, *, clip_target: str = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-                     clip_params: dict[str, Any] | None = None) -> dict[str, Any]:
-  """The reference ``LatentDiffusion`` config of a KL-autoencoder, CLIP-conditioned ``pipeline``.
+def reference_config(pipeline, *, clip_params: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The reference ``LatentDiffusion`` config of a KL-autoencoder, OpenCLIP-conditioned (SD 2.x) ``pipeline``.
 
   SD inpainting models (``concat_kind == "inpaint"``: z_t, mask, masked
   latent) become the reference's ``LatentInpaintDiffusion`` with ``hybrid``
@@ -73,7 +72,8 @@ def reference_config(pipeline, *, clip_target: str = "ldm.modules.encoders.modul
       first_stage_config={"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
           "embed_dim": fs.embed_dim, "monitor": "val/rec_loss", "ddconfig": dict(fs.ddconfig),
           "lossconfig": {"target": "torch.nn.Identity"}}},
-      cond_stage_config={"target": clip_target, "params": dict(clip_params or {})},
+      cond_stage_config={"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                         "params": dict(clip_params or {})},
   )
   target = "ldm.models.diffusion.ddpm." + ("LatentInpaintDiffusion" if inpaint else "LatentDiffusion")
   return _plain({"model": {"base_learning_rate": 1.0e-4, "target": target, "params": params}})

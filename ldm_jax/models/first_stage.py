@@ -19,6 +19,7 @@ from ldm_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from ldm_jax.models.vq import VQModel
 
 FIRST_STAGE_KINDS = ("kl", "vq", "identity")
+_AUTOENCODER_FIELDS = ("embed_dim", "n_embed", "beta", "legacy", "attention_impl")
 
 
 class IdentityFirstStage(nn.Module):
@@ -81,7 +82,7 @@ def make_first_stage(cfg: Mapping[str, Any], **overrides: Any) -> FirstStage:
   if "ddconfig" not in cfg:
     raise ValueError(f"first-stage kind {kind!r} needs a ddconfig section (got keys {sorted(cfg)})")
   ddconfig = dict(cfg.pop("ddconfig"))
-  fields = {k: v for k, v in cfg.items() if k in ("embed_dim", "n_embed", "beta", "legacy", "attention_impl")}
+  fields = {k: v for k, v in cfg.items() if k in _AUTOENCODER_FIELDS}
   unknown = sorted(set(cfg) - set(fields) - {"lossconfig"})
   if unknown:
     raise ValueError(f"unknown first-stage fields {unknown}; expected kind, embed_dim, n_embed, ddconfig")
@@ -99,7 +100,7 @@ def make_first_stage(cfg: Mapping[str, Any], **overrides: Any) -> FirstStage:
 
 def _identity(cfg: dict, overrides: dict) -> IdentityFirstStage:
   # A stage-2 base config's first_stage.model carries an autoencoder's keys: accepted, unused.
-  unknown = sorted(set(cfg) - {"embed_dim", "ddconfig", "n_embed", "beta", "legacy", "attention_impl", "lossconfig"})
+  unknown = sorted(set(cfg) - {*_AUTOENCODER_FIELDS, "ddconfig", "lossconfig"})
   if unknown:
     raise ValueError(f"unknown first-stage fields {unknown} for kind 'identity'; expected kind, embed_dim")
   embed_dim = int(cfg.get("embed_dim", 3))
